@@ -1,0 +1,66 @@
+# EP + DeepSpeed ZeRO-3 fork of transformers: a patch queue on the release pinned in upstream.toml.
+# `make test` and `make demo` set everything up themselves (virtual environment, pinned installs, assembly).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+CONSTRAINTS := -c requirements/constraints.txt
+PATCHQ := $(PYTHON) utils/patchq.py
+PYTEST_ARGS ?=
+
+# One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: help install assemble check diff refresh rebase test test-fast demo clean
+
+help:
+	@echo "make test      set up and run the test suite (what .ci/run runs)"
+	@echo "make demo      set up and run the 2-rank CPU EP + ZeRO-3 demo"
+	@echo "make install   create $(VENV): torch==2.13.0, deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
+	@echo "make assemble  src/transformers = pristine release + patches/series (FORCE=1 drops unrefreshed edits)"
+	@echo "make check     the series applies exactly, headers are complete, no edit is left outside patches/"
+	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
+	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
+	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
+
+install: $(VENV)/.installed
+
+# torch first and pinned (an unpinned torch resolves to a multi-GB CUDA build); deepspeed is an sdist that builds
+# against the installed torch, hence --no-build-isolation after it.
+$(VENV)/.installed: setup.py pyproject.toml upstream.toml requirements/constraints.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install $(CONSTRAINTS) -r requirements/dev.txt
+	$(PIP) install $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.8
+	$(PIP) install $(CONSTRAINTS) -e .
+	$(PY) utils/build_deepspeed_ops.py
+	touch $@
+
+assemble:
+	$(PATCHQ) assemble $(if $(FORCE),--force)
+
+check:
+	$(PATCHQ) check
+
+diff:
+	@$(PATCHQ) diff
+
+refresh:
+	$(PATCHQ) refresh $(if $(PATCH),--patch $(PATCH)) $(if $(NEW),--new $(NEW))
+
+rebase:
+	@test -n "$(VERSION)" -a -n "$(SHA256)" || { echo "usage: make rebase VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]"; exit 2; }
+	$(PATCHQ) rebase $(VERSION) $(SHA256) $(if $(DRY_RUN),--dry-run)
+
+test: install
+	$(PATCHQ) assemble --quiet
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The quick loop while developing: no multi-process or slow tests.
+test-fast: install
+	$(PATCHQ) assemble --quiet
+	$(PY) -m pytest tests -m "not multiprocess and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache src/transformers src/*.egg-info .pytest_cache

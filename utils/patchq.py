@@ -1,0 +1,702 @@
+#!/usr/bin/env python3
+"""Patch-queue tool of the fork: the pristine release plus `patches/series` makes `src/transformers`.
+
+The fork commits no upstream code. `upstream.toml` pins a release of `transformers` by version and sdist sha256; the
+sdist is fetched by package name with pip, verified and cached outside git. `src/transformers` (git-ignored) is that
+release's `src/transformers` with the patches of `patches/series` applied in order. You edit `src/transformers`, then
+`refresh` writes your edits back into the patches.
+
+Commands (the Makefile wraps each one):
+    fetch     download, verify and unpack the pinned release into the cache
+    assemble  (re)build src/transformers from the pristine release and the series; refuses to drop unrefreshed edits
+    check     the series applies exactly to pristine, every patch has its header, src/transformers has no edit that is
+              not in a patch, and the review diff applies with `git apply --check`
+    diff      print the review diff of src/transformers against pristine (paths relative to the upstream repo root)
+    refresh   write the edits made in src/transformers back into the patches (one patch per concern)
+    rebase    move the series onto another release, reporting per patch: applied, applied with offset/fuzz, conflicts
+
+Only the standard library is used: this runs inside `pip install -e .` before anything else is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path("src") / "transformers"  # relative to the repo root, and to the upstream sdist root alike
+DIFF_HEADER = "diff --git "
+REQUIRED_HEADER_FIELDS = ("Description", "Forwarded")
+
+
+class PatchQueueError(Exception):
+    """A failure the user must act on; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pin and the cache of pristine releases
+
+
+@dataclass
+class Pin:
+    package: str
+    version: str
+    sha256: str
+
+    @classmethod
+    def load(cls, root: Path) -> Pin:
+        path = root / "upstream.toml"
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        try:
+            return cls(package=data["package"], version=data["version"], sha256=data["sha256"].lower())
+        except KeyError as e:
+            raise PatchQueueError(f"{path} lacks the key {e}") from None
+
+    def save(self, root: Path) -> None:
+        text = (
+            "# The pristine upstream release this fork is assembled from (fetched with pip by name, checked by sha256).\n"
+            "# Move it with `make rebase VERSION=... SHA256=...`, never by hand.\n"
+            f'package = "{self.package}"\n'
+            f'version = "{self.version}"\n'
+            f'sha256 = "{self.sha256}"\n'
+        )
+        _atomic_write(root / "upstream.toml", text)
+
+    @property
+    def sdist_name(self) -> str:
+        return f"{self.package}-{self.version}.tar.gz"
+
+
+def cache_dir(root: Path) -> Path:
+    return Path(os.environ.get("EPFORK_CACHE_DIR", root / ".cache" / "upstream")).resolve()
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_sdist(pin: Pin, dest: Path) -> Path:
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "-d", tmp]
+        cmd.append(f"{pin.package}=={pin.version}")
+        print(f"patchq: fetching {pin.package}=={pin.version} (sdist) with pip", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PatchQueueError(
+                f"could not fetch the pinned release {pin.package}=={pin.version} with pip "
+                f"(exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}"
+            )
+        fetched = Path(tmp) / pin.sdist_name
+        if not fetched.is_file():
+            raise PatchQueueError(f"pip did not produce {pin.sdist_name}; it wrote {sorted(os.listdir(tmp))}")
+        actual = _sha256_of(fetched)
+        if actual != pin.sha256:
+            raise PatchQueueError(
+                f"checksum mismatch for {pin.sdist_name}: upstream.toml pins sha256 {pin.sha256}, the fetched file has "
+                f"{actual}. Nothing was assembled. Fix the pin (or use `make rebase`) if the release really changed."
+            )
+        target = dest / pin.sdist_name
+        os.replace(fetched, target)
+        return target
+
+
+def fetch(root: Path, pin: Pin | None = None) -> Path:
+    """Return the root of the unpacked, verified pristine release (it holds `src/transformers`)."""
+    pin = pin or Pin.load(root)
+    cache = cache_dir(root)
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / pin.sdist_name
+    if tarball.is_file():
+        actual = _sha256_of(tarball)
+        if actual != pin.sha256:
+            raise PatchQueueError(
+                f"checksum mismatch for the cached {tarball}: upstream.toml pins sha256 {pin.sha256}, the file has "
+                f"{actual}. Delete the file to fetch it again, or fix the pin."
+            )
+    else:
+        tarball = _download_sdist(pin, cache)
+
+    tree = cache / f"{pin.package}-{pin.version}-{pin.sha256[:12]}"
+    if not (tree / PACKAGE_DIR).is_dir():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            with tarfile.open(tarball) as tar:
+                tar.extractall(tmp, filter="data")
+            unpacked = Path(tmp) / f"{pin.package}-{pin.version}"
+            if not (unpacked / PACKAGE_DIR).is_dir():
+                raise PatchQueueError(f"{pin.sdist_name} has no {PACKAGE_DIR}")
+            shutil.rmtree(tree, ignore_errors=True)
+            os.replace(unpacked, tree)
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Patches: a DEP-3 style header, then one git-style section per file
+
+
+@dataclass
+class PatchFile:
+    name: str
+    header: str
+    sections: dict[str, str] = field(default_factory=dict)  # path relative to the upstream root -> its diff text
+
+    @classmethod
+    def read(cls, path: Path) -> PatchFile:
+        text = path.read_text(encoding="utf-8")
+        parts = re.split(r"(?m)^(?=diff --git )", text)
+        header, sections = parts[0], {}
+        for section in parts[1:]:
+            match = re.match(r"diff --git a/(\S+) b/(\S+)", section)
+            if not match:
+                raise PatchQueueError(f"{path.name}: cannot read the section starting {section[:80]!r}")
+            sections[match.group(2)] = section
+        return cls(name=path.name, header=header, sections=sections)
+
+    def text(self) -> str:
+        header = self.header if self.header.endswith("\n") or not self.header else self.header + "\n"
+        return header + "".join(self.sections[p] for p in self.sections)
+
+    def header_fields(self) -> dict[str, str]:
+        fields = {}
+        for line in self.header.splitlines():
+            match = re.match(r"([A-Z][A-Za-z-]*):\s*(.*)", line)
+            if match:
+                fields[match.group(1)] = match.group(2).strip()
+        return fields
+
+
+def read_series(root: Path) -> list[str]:
+    series = root / "patches" / "series"
+    if not series.is_file():
+        return []
+    names = []
+    for line in series.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names
+
+
+def load_series(root: Path) -> list[PatchFile]:
+    patches = []
+    for name in read_series(root):
+        path = root / "patches" / name
+        if not path.is_file():
+            raise PatchQueueError(f"patches/series names {name}, which does not exist")
+        patches.append(PatchFile.read(path))
+    return patches
+
+
+@dataclass
+class ApplyResult:
+    patch: str
+    status: str  # "applied", "offset", "fuzz" or "conflict"
+    notes: list[str]
+
+    def describe(self) -> str:
+        label = {
+            "applied": "applied",
+            "offset": "applied with offset",
+            "fuzz": "applied with fuzz",
+            "conflict": "CONFLICT",
+        }[self.status]
+        return f"{self.patch}: {label}" + "".join(f"\n    {note}" for note in self.notes)
+
+
+def _run_patch(tree: Path, patch_text: str, fuzz: int, dry_run: bool) -> tuple[int, str]:
+    cmd = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-r", "-", f"--fuzz={fuzz}", "-d"]
+    cmd.append(str(tree))
+    if dry_run:
+        cmd.append("--dry-run")
+    proc = subprocess.run(cmd, input=patch_text, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def apply_patch(tree: Path, name: str, patch_text: str, fuzz: int = 0) -> ApplyResult:
+    """Apply one patch to `tree` (an upstream root) if all its hunks apply; never leave it half-applied."""
+    code, output = _run_patch(tree, patch_text, fuzz, dry_run=True)
+    notes, status, current = [], "applied", None
+    for line in output.splitlines():
+        if match := re.match(r"(?:checking|patching) file (\S+)", line):
+            current = match.group(1)
+        elif match := re.match(r"Hunk #(\d+) FAILED at (\d+)", line):
+            notes.append(f"hunk #{match.group(1)} of {current} does not apply (at line {match.group(2)})")
+            status = "conflict"
+        elif match := re.match(r"Hunk #(\d+) succeeded at (\d+)(?: with fuzz (\d+))?(?: \(offset (-?\d+) lines?\))?", line):
+            hunk, at, fuzz_used, offset = match.groups()
+            if fuzz_used:
+                notes.append(f"hunk #{hunk} of {current} applied with fuzz {fuzz_used} at line {at}")
+                status = "fuzz" if status != "conflict" else status
+            if offset:
+                notes.append(f"hunk #{hunk} of {current} applied at line {at} (offset {offset} lines)")
+                status = "offset" if status == "applied" else status
+        elif "Reversed (or previously applied) patch detected" in line:
+            notes.append(f"{current}: already applied or reversed")
+            status = "conflict"
+        elif "can't find file" in line or "No file to patch" in line:
+            notes.append(f"a file it patches does not exist: {line.strip()}")
+            status = "conflict"
+    if code != 0 and status != "conflict":
+        notes.append(output.strip()[-1000:])
+        status = "conflict"
+    if status != "conflict":
+        code, output = _run_patch(tree, patch_text, fuzz, dry_run=False)
+        if code != 0:
+            raise PatchQueueError(f"{name} passed its dry run but failed to apply:\n{output}")
+    return ApplyResult(name, status, notes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trees: staging, comparing, diffing
+
+
+def _copy_package(src_root: Path, dest_root: Path) -> None:
+    shutil.copytree(src_root / PACKAGE_DIR, dest_root / PACKAGE_DIR, symlinks=True)
+
+
+def stage_series(pristine: Path, patches: list[PatchFile], dest: Path, fuzz: int = 0) -> list[ApplyResult]:
+    """Copy pristine `src/transformers` under `dest` and apply the series; raise on the first patch that fails."""
+    _copy_package(pristine, dest)
+    results = []
+    for patch in patches:
+        result = apply_patch(dest, patch.name, patch.text(), fuzz=fuzz)
+        if result.status == "conflict":
+            raise PatchQueueError(f"patch {result.describe()}\nFix it with `make refresh` or by hand in patches/.")
+        results.append(result)
+    return results
+
+
+def _package_files(upstream_root: Path) -> set[str]:
+    base = upstream_root / PACKAGE_DIR
+    if not base.is_dir():
+        return set()
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for filename in filenames:
+            if filename.endswith((".pyc", ".pyo")):
+                continue
+            found.add((Path(dirpath) / filename).relative_to(upstream_root).as_posix())
+    return found
+
+
+def changed_files(old_root: Path, new_root: Path) -> list[str]:
+    """Paths (relative to the roots) that differ, were added or were removed between two package trees."""
+    old, new = _package_files(old_root), _package_files(new_root)
+    changed = old ^ new
+    for path in old & new:
+        if not filecmp.cmp(old_root / path, new_root / path, shallow=False):
+            changed.add(path)
+    return sorted(changed)
+
+
+def file_diff(path: str, old: Path | None, new: Path | None) -> str:
+    """A git-style diff section of one file; `None` stands for a file that does not exist on that side."""
+    cmd = ["diff", "-u", "--label", f"a/{path}" if old else "/dev/null", "--label", f"b/{path}" if new else "/dev/null"]
+    cmd += [str(old or os.devnull), str(new or os.devnull)]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode == 0:
+        return ""
+    if proc.returncode != 1:
+        raise PatchQueueError(f"diff failed on {path}: {proc.stderr.decode(errors='replace')}")
+    body = proc.stdout.decode("utf-8")
+    if body.startswith("Binary files"):
+        raise PatchQueueError(f"{path} is a binary file; the patch queue only carries text changes")
+    header = f"{DIFF_HEADER}a/{path} b/{path}\n"
+    if old is None:
+        header += "new file mode 100644\n"
+    elif new is None:
+        header += "deleted file mode 100644\n"
+    return header + body
+
+
+def tree_diff(old_root: Path, new_root: Path, paths: list[str] | None = None) -> str:
+    paths = changed_files(old_root, new_root) if paths is None else paths
+    sections = []
+    for path in paths:
+        old, new = old_root / path, new_root / path
+        sections.append(file_diff(path, old if old.is_file() else None, new if new.is_file() else None))
+    return "".join(sections)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Assembly and the stamp that tells a fresh assembly from local edits
+
+
+def _stamp_path(root: Path) -> Path:
+    return root / ".cache" / "assembled.json"
+
+
+def _series_digest(pin: Pin, patches: list[PatchFile]) -> str:
+    digest = hashlib.sha256(pin.sha256.encode())
+    for patch in patches:
+        digest.update(patch.name.encode() + b"\0" + patch.text().encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _manifest(upstream_root: Path) -> dict[str, str]:
+    manifest = {}
+    for path in sorted(_package_files(upstream_root)):
+        manifest[path] = hashlib.sha1((upstream_root / path).read_bytes()).hexdigest()
+    return manifest
+
+
+def _write_stamp(root: Path, digest: str) -> None:
+    stamp = {"series_digest": digest, "manifest": _manifest(root)}
+    _stamp_path(root).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(_stamp_path(root), json.dumps(stamp))
+
+
+def _read_stamp(root: Path) -> dict | None:
+    try:
+        return json.loads(_stamp_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _edited_since_assembly(root: Path, stamp: dict | None) -> list[str] | None:
+    """Files of src/transformers changed since the last assembly; None when that cannot be told (no stamp)."""
+    if stamp is None:
+        return None
+    current = _manifest(root)
+    recorded = stamp["manifest"]
+    return sorted(p for p in current.keys() | recorded.keys() if current.get(p) != recorded.get(p))
+
+
+def _replace_package(root: Path, staged_root: Path) -> None:
+    target = root / PACKAGE_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = root / "src" / ".transformers.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged_root / PACKAGE_DIR, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def assemble(root: Path, force: bool = False, quiet: bool = False) -> None:
+    """Make src/transformers = pristine + series. Edits not yet refreshed into patches/ are never silently dropped."""
+    pin = Pin.load(root)
+    patches = load_series(root)
+    digest = _series_digest(pin, patches)
+    stamp = _read_stamp(root)
+    package = root / PACKAGE_DIR
+    edits = _edited_since_assembly(root, stamp) if package.is_dir() else []
+
+    if package.is_dir() and stamp and not force:
+        if stamp["series_digest"] == digest:
+            if edits:
+                print(
+                    f"patchq: using src/transformers with {len(edits)} edited file(s) not yet in patches/ "
+                    "(`make refresh` keeps them, `make check` lists them)",
+                    file=sys.stderr,
+                )
+            elif not quiet:
+                print(f"patchq: src/transformers is up to date ({pin.package} {pin.version} + {len(patches)} patches)")
+            return
+        if edits:
+            raise PatchQueueError(
+                "patches/ changed since src/transformers was assembled, and src/transformers has edits that are not "
+                "in patches/ (they would be lost):\n  "
+                + "\n  ".join(edits[:20])
+                + "\nRun `make refresh` to keep them, or `make assemble FORCE=1` to discard them."
+            )
+
+    pristine = fetch(root, pin)
+    (root / "src").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root / "src", prefix=".assemble-") as tmp:
+        stage_series(pristine, patches, Path(tmp))
+        if package.is_dir() and stamp is None and not force:
+            # A tree we did not assemble (or whose stamp was lost): adopt it only if it is exactly the series.
+            drift = changed_files(Path(tmp), root)
+            if drift:
+                raise PatchQueueError(
+                    "src/transformers differs from pristine + patches/ and has no assembly stamp:\n  "
+                    + "\n  ".join(drift[:20])
+                    + "\nRun `make refresh` to keep these edits, or `make assemble FORCE=1` to discard them."
+                )
+        else:
+            _replace_package(root, Path(tmp))
+    _write_stamp(root, digest)
+    if not quiet:
+        print(f"patchq: assembled src/transformers from {pin.package} {pin.version} + {len(patches)} patches")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# check, diff, refresh
+
+
+def check(root: Path) -> list[str]:
+    """Return the problems found (empty when the queue is sound)."""
+    problems = []
+    pin = Pin.load(root)
+    patches = load_series(root)
+    listed = {p.name for p in patches}
+    for path in sorted((root / "patches").glob("*.patch")):
+        if path.name not in listed:
+            problems.append(f"patches/{path.name} is not listed in patches/series")
+    for patch in patches:
+        fields = patch.header_fields()
+        for key in REQUIRED_HEADER_FIELDS:
+            if not fields.get(key) or fields[key].upper().startswith("TODO"):
+                problems.append(f"{patch.name}: header field '{key}:' is missing or TODO")
+        if not patch.sections:
+            problems.append(f"{patch.name}: changes nothing")
+
+    pristine = fetch(root, pin)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "assembled"
+        _copy_package(pristine, stage)
+        for patch in patches:
+            result = apply_patch(stage, patch.name, patch.text(), fuzz=0)
+            if result.status != "applied":
+                problems.append(f"patch {result.describe()} (run `make refresh` to regenerate it exactly)")
+        if (root / PACKAGE_DIR).is_dir():
+            for path in changed_files(stage, root):
+                problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
+
+        review = tree_diff(pristine, root) if (root / PACKAGE_DIR).is_dir() else ""
+        if review:
+            scratch = Path(tmp) / "pristine"
+            _copy_package(pristine, scratch)
+            proc = subprocess.run(["git", "apply", "--check", "-"], cwd=scratch, input=review, capture_output=True, text=True)
+            if proc.returncode != 0:
+                problems.append(f"the review diff does not pass `git apply --check` on pristine:\n{proc.stderr}")
+    return problems
+
+
+def review_diff(root: Path) -> str:
+    pristine = fetch(root)
+    if not (root / PACKAGE_DIR).is_dir():
+        raise PatchQueueError("src/transformers is not assembled; run `make assemble`")
+    return tree_diff(pristine, root)
+
+
+def _file_after(pristine: Path, patches: list[PatchFile], path: str, workdir: Path) -> Path | None:
+    """The file `path` as the given patches leave it (None when it does not exist)."""
+    tree = Path(tempfile.mkdtemp(dir=workdir))
+    source = pristine / path
+    if source.is_file():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, tree / path)
+    for patch in patches:
+        if path in patch.sections:
+            result = apply_patch(tree, patch.name, patch.sections[path], fuzz=0)
+            if result.status == "conflict":
+                raise PatchQueueError(f"{result.describe()}\nThe series itself is broken; fix it before refreshing.")
+    return tree / path if (tree / path).is_file() else None
+
+
+def _new_patch(name: str) -> PatchFile:
+    header = (
+        "Description: TODO one line saying what this patch changes\n"
+        " TODO why: the problem it solves, in a few lines.\n"
+        "Author: TODO\n"
+        "Bug: TODO upstream issue or PR it relates to\n"
+        "Forwarded: TODO no | not-needed | <upstream PR>\n"
+        "---\n"
+    )
+    return PatchFile(name=name, header=header)
+
+
+def refresh(root: Path, into: str | None = None, new: str | None = None) -> list[str]:
+    """Fold the edits of src/transformers into the patches; return a line per patch it rewrote."""
+    pin = Pin.load(root)
+    patches = load_series(root)
+    names = [p.name for p in patches]
+    if new:
+        if not new.endswith(".patch"):
+            new += ".patch"
+        if new in names:
+            raise PatchQueueError(f"{new} is already in the series; use PATCH={new}")
+        patches.append(_new_patch(new))
+        names.append(new)
+        into = new
+    if into and into not in names:
+        raise PatchQueueError(f"PATCH={into} is not in patches/series (which has: {', '.join(names)})")
+
+    pristine = fetch(root, pin)
+    report = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        stage = tmp / "assembled"
+        stage_series(pristine, [p for p in patches if p.sections], stage)
+        edited = changed_files(stage, root)
+        if not edited:
+            return report
+        touched: dict[str, list[int]] = {}
+        for path in edited:
+            owners = [i for i, p in enumerate(patches) if path in p.sections]
+            if into:
+                target = names.index(into)
+                later = [names[i] for i in owners if i > target]
+                if later:
+                    raise PatchQueueError(
+                        f"{path} is also changed by {', '.join(later)}, later in the series than {into}; "
+                        f"put this edit into {later[-1]} (PATCH={later[-1]}) or reorder the series"
+                    )
+            elif owners:
+                target = owners[-1]
+            else:
+                raise PatchQueueError(
+                    f"{path} is edited but no patch touches it yet: say which patch takes it with PATCH=<name>, "
+                    "or start one with NEW=<NNNN-concern>"
+                )
+            current = root / path
+            base = _file_after(pristine, patches[:target], path, tmp)
+            section = file_diff(path, base, current if current.is_file() else None)
+            if section:
+                patches[target].sections[path] = section
+            else:
+                patches[target].sections.pop(path, None)
+            touched.setdefault(patches[target].name, []).append(path)
+
+    for patch in patches:
+        if patch.name in touched:
+            _atomic_write(root / "patches" / patch.name, patch.text())
+            report.append(f"{patch.name}: refreshed {', '.join(touched[patch.name])}")
+    if new:
+        _atomic_write(root / "patches" / "series", "".join(n + "\n" for n in _series_lines(root, new)))
+    _write_stamp(root, _series_digest(pin, load_series(root)))
+    return report
+
+
+def _series_lines(root: Path, appended: str) -> list[str]:
+    series = root / "patches" / "series"
+    lines = series.read_text(encoding="utf-8").splitlines() if series.is_file() else []
+    return lines + [appended]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rebase
+
+
+def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> tuple[bool, list[ApplyResult]]:
+    """Re-apply the series on another release. On success (and not dry_run) move the pin and regenerate the patches."""
+    old_pin = Pin.load(root)
+    if (root / PACKAGE_DIR).is_dir():
+        edits = _edited_since_assembly(root, _read_stamp(root))
+        if edits is None or edits:
+            raise PatchQueueError("src/transformers has unrefreshed edits (or no assembly stamp): `make refresh` first")
+    new_pin = Pin(package=old_pin.package, version=version, sha256=sha256.lower())
+    patches = load_series(root)
+    pristine = fetch(root, new_pin)
+    results = []
+    regenerated = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "stage"
+        _copy_package(pristine, stage)
+        for patch in patches:
+            before = Path(tmp) / f"before-{patch.name}"
+            for path in patch.sections:
+                if (stage / path).is_file():
+                    (before / path).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(stage / path, before / path)
+            # Fuzz is allowed here (GNU patch's default of 2) and reported: the regenerated patch drops it again.
+            result = apply_patch(stage, patch.name, patch.text(), fuzz=2)
+            results.append(result)
+            sections = {}
+            for path in patch.sections:
+                old, new = before / path, stage / path
+                section = file_diff(path, old if old.is_file() else None, new if new.is_file() else None)
+                if section:
+                    sections[path] = section
+            regenerated.append(PatchFile(name=patch.name, header=patch.header, sections=sections))
+
+    ok = all(r.status != "conflict" for r in results)
+    if ok and not dry_run:
+        for patch in regenerated:
+            _atomic_write(root / "patches" / patch.name, patch.text())
+        new_pin.save(root)
+        assemble(root, force=True, quiet=True)
+    return ok, results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="patchq", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="download, verify and unpack the pinned release")
+    p = sub.add_parser("assemble", help="build src/transformers from pristine + patches/series")
+    p.add_argument("--force", action="store_true", help="discard edits of src/transformers that are not in patches")
+    p.add_argument("--quiet", action="store_true")
+    sub.add_parser("check", help="validate the series, the headers and that src/transformers has no unrefreshed edit")
+    sub.add_parser("diff", help="print the review diff of src/transformers against pristine")
+    p = sub.add_parser("refresh", help="write edits of src/transformers back into patches/")
+    p.add_argument("--patch", help="the patch that takes the edits (default: the last patch touching each file)")
+    p.add_argument("--new", help="start a new patch with this name, appended to the series, for the edits")
+    p = sub.add_parser("rebase", help="move the series onto another release")
+    p.add_argument("version")
+    p.add_argument("sha256")
+    p.add_argument("--dry-run", action="store_true", help="report only; change neither the pin nor the patches")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+
+    try:
+        if args.command == "fetch":
+            print(fetch(root))
+        elif args.command == "assemble":
+            assemble(root, force=args.force, quiet=args.quiet)
+        elif args.command == "check":
+            problems = check(root)
+            for problem in problems:
+                print(f"patchq check: {problem}", file=sys.stderr)
+            if problems:
+                return 1
+            print(f"patchq check: OK ({len(read_series(root))} patches apply exactly; no unrefreshed edits)")
+        elif args.command == "diff":
+            sys.stdout.write(review_diff(root))
+        elif args.command == "refresh":
+            lines = refresh(root, into=args.patch, new=args.new)
+            print("\n".join(lines) if lines else "patchq refresh: nothing to refresh")
+        elif args.command == "rebase":
+            old = Pin.load(root).version
+            ok, results = rebase(root, args.version, args.sha256, dry_run=args.dry_run)
+            for result in results:
+                print(result.describe())
+            if not ok:
+                print(f"patchq rebase: conflicts onto {args.version}; the pin stays at {old}", file=sys.stderr)
+                return 1
+            if args.dry_run:
+                print(f"patchq rebase: the series applies onto {args.version} (dry run; pin stays at {old})")
+            else:
+                print(f"patchq rebase: moved from {old} to {args.version}; patches regenerated, src/transformers reassembled")
+    except PatchQueueError as e:
+        print(f"patchq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
