@@ -1,0 +1,246 @@
+"""Run a script on N ranks through a real launcher (`torchrun`, `accelerate launch`) with a hard timeout.
+
+A distributed job that goes wrong usually hangs: one rank raised, the others wait in a collective. `launch` bounds
+every job: past its timeout it asks each rank for a stack dump (SIGUSR1, see `worker.run_rank`), then kills the
+launcher and every process it started, including ranks that torchrun put in sessions of their own, found by a tag in
+their environment. It returns each rank's result, error and log tail for the test to assert on.
+
+CPU with gloo is the default. With CUDA devices for every rank (and EPFORK_TEST_DEVICE not "cpu") the same jobs run on
+NCCL, as the multi-GPU CI job does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .worker import BACKEND_ENV, RESULTS_ENV
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TAG_ENV = "EPFORK_LAUNCH_TAG"
+DEFAULT_EXTENSIONS_DIR = REPO_ROOT / ".cache" / "torch_extensions"
+CONFIG_DIR = REPO_ROOT / "docs" / "configs"
+
+
+def default_backend(nproc: int) -> str:
+    if os.environ.get("EPFORK_TEST_DEVICE", "").lower() == "cpu":
+        return "gloo"
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() >= nproc:
+            return "nccl"
+    except ImportError:
+        pass
+    return "gloo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    result: object = None
+    error: str | None = None
+    log: str = ""
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log.splitlines()[-lines:])
+
+
+@dataclass
+class LaunchResult:
+    command: list[str]
+    tag: str
+    returncode: int | None
+    timed_out: bool
+    elapsed: float
+    timeout: float
+    output: str
+    ranks: dict[int, RankOutcome] = field(default_factory=dict)
+    leftover_pids: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def report(self, tail: int = 25) -> str:
+        state = f"TIMED OUT after {self.timeout:.0f} s" if self.timed_out else f"exit code {self.returncode}"
+        lines = [f"launch of {' '.join(self.command[-3:])}: {state} in {self.elapsed:.1f} s"]
+        for rank, outcome in sorted(self.ranks.items()):
+            if outcome.error:
+                lines.append(f"--- rank {rank} raised:\n{outcome.error.strip()}")
+            else:
+                lines.append(f"--- rank {rank} log tail:\n{outcome.log_tail(tail)}")
+        if not self.ranks:
+            lines.append("--- no rank started; launcher output tail:")
+        lines.append("--- launcher output tail:\n" + "\n".join(self.output.splitlines()[-tail:]))
+        return "\n".join(lines)
+
+    def check(self) -> LaunchResult:
+        """Raise with every rank's error or log tail unless the job succeeded on every rank."""
+        if not self.ok:
+            raise AssertionError(self.report())
+        return self
+
+    def results(self) -> dict[int, object]:
+        return {rank: outcome.result for rank, outcome in sorted(self.ranks.items())}
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    needle = f"{TAG_ENV}={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_job(tag: str, grace: float = 5.0) -> list[int]:
+    """SIGKILL every process carrying the tag; return those still alive after `grace` seconds (should be none)."""
+    deadline = time.monotonic() + grace
+    while pids := _tagged_pids(tag):
+        _signal_all(pids, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            return pids
+        time.sleep(0.1)
+    return []
+
+
+def launcher_command(
+    launcher: str, script: Path, args: list[str], nproc: int, port: int, accelerate_config: Path | None
+) -> list[str]:
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if accelerate_config is not None:
+            cmd += ["--config_file", str(accelerate_config)]
+        cmd += ["--num_processes", str(nproc), "--main_process_port", str(port)]
+    elif launcher == "python":
+        if nproc != 1:
+            raise ValueError("launcher='python' runs a single process")
+        cmd = [sys.executable]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}: use 'torchrun', 'accelerate' or 'python'")
+    return [*cmd, str(script), *map(str, args)]
+
+
+def launch(
+    script: str | Path,
+    args: list[str] | tuple = (),
+    nproc: int = 2,
+    launcher: str = "torchrun",
+    timeout: float = 120,
+    accelerate_config: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    results_dir: str | Path | None = None,
+) -> LaunchResult:
+    """Run `script` on `nproc` ranks; never blocks longer than `timeout` plus a few seconds of cleanup."""
+    results = Path(results_dir or tempfile.mkdtemp(prefix="epfork-launch-"))
+    results.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    backend = default_backend(nproc)
+    child_env = dict(os.environ)
+    child_env.update(
+        {
+            TAG_ENV: tag,
+            RESULTS_ENV: str(results),
+            BACKEND_ENV: backend,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    child_env.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
+    # Ranks share the 2 cores of the CI machine; one thread each keeps them from thrashing.
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    if backend == "gloo":
+        child_env.setdefault("DS_ACCELERATOR", "cpu")
+        child_env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    child_env.update(env or {})
+
+    command = launcher_command(
+        launcher, Path(script), list(args), nproc, free_port(), Path(accelerate_config) if accelerate_config else None
+    )
+    output_path = results / "launcher.log"
+    start = time.monotonic()
+    with open(output_path, "wb") as output:
+        proc = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
+            cwd=str(REPO_ROOT), start_new_session=True,
+        )
+        timed_out = False
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            # Ask every rank where it is stuck (worker.run_rank dumps stacks into its log), then kill them all.
+            _signal_all([pid for pid in _tagged_pids(tag) if pid != proc.pid], signal.SIGUSR1)
+            time.sleep(1.0)
+            returncode = None
+        leftover = kill_job(tag)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    elapsed = time.monotonic() - start
+    outcome = LaunchResult(
+        command=command,
+        tag=tag,
+        returncode=returncode,
+        timed_out=timed_out,
+        elapsed=elapsed,
+        timeout=timeout,
+        output=output_path.read_text(encoding="utf-8", errors="replace"),
+        leftover_pids=leftover,
+    )
+    outcome.ranks = _collect_ranks(results)
+    return outcome
+
+
+def _collect_ranks(results: Path) -> dict[int, RankOutcome]:
+    import torch
+
+    ranks: dict[int, RankOutcome] = {}
+    for path in results.glob("rank*.*"):
+        stem = path.name.split(".", 1)[0]
+        if not stem[4:].isdigit():
+            continue
+        outcome = ranks.setdefault(int(stem[4:]), RankOutcome(rank=int(stem[4:])))
+        if path.name.endswith(".log"):
+            outcome.log = path.read_text(encoding="utf-8", errors="replace")
+        elif path.name.endswith(".error"):
+            outcome.error = path.read_text(encoding="utf-8", errors="replace")
+        elif path.name.endswith(".pt"):
+            outcome.result = torch.load(path, weights_only=False)
+    return ranks

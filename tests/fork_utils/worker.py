@@ -1,0 +1,111 @@
+"""Rank-side plumbing for scripts started by `fork_utils.launcher.launch`.
+
+A launched script wraps its body with `run_rank(main)`. Each rank then
+- tees its Python stdout/stderr into `<results>/rank<r>.log`, so the launcher can report every rank's tail;
+- dumps every thread's stack into that log on SIGUSR1, which the launcher sends before killing a job that timed out,
+  so a hang says where each rank was stuck;
+- writes `main()`'s return value to `<results>/rank<r>.pt` (torch.save: tensors allowed) for the test to assert on,
+  or the traceback to `<results>/rank<r>.error` and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+
+RESULTS_ENV = "EPFORK_RESULTS_DIR"
+BACKEND_ENV = "EPFORK_DIST_BACKEND"
+
+
+class _Tee:
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def write(self, text):
+        self._log.write(text)
+        self._log.flush()
+        return self._stream.write(text)
+
+    def flush(self):
+        self._log.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def results_dir() -> Path | None:
+    value = os.environ.get(RESULTS_ENV)
+    return Path(value) if value else None
+
+
+def backend() -> str:
+    """The process-group backend the launcher chose: gloo on CPU (the default here), nccl on GPUs."""
+    return os.environ.get(BACKEND_ENV, "gloo")
+
+
+def device():
+    import torch
+
+    if backend() == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group():
+    """Start the default process group with the launcher's backend (a no-op if something already started it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend())
+    return dist.group.WORLD
+
+
+def save_result(value) -> None:
+    import torch
+
+    directory = results_dir()
+    if directory is not None:
+        path = directory / f"rank{rank()}.pt"
+        torch.save(value, path.with_suffix(".pt.tmp"))
+        os.replace(path.with_suffix(".pt.tmp"), path)
+
+
+def run_rank(main: Callable[[], object]) -> None:
+    directory = results_dir()
+    log = None
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        log = open(directory / f"rank{rank()}.log", "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    try:
+        result = main()
+        if result is not None:
+            save_result(result)
+    except BaseException as e:
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)
+        if directory is not None:
+            (directory / f"rank{rank()}.error").write_text(text, encoding="utf-8")
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit at once: a rank that failed must not sit in atexit handlers or collectives its peers never join.
+        os._exit(code or 1)

@@ -1,0 +1,107 @@
+"""The launcher helper must bound every job, kill all it started, and report each rank's failure."""
+
+import textwrap
+import time
+import unittest
+from pathlib import Path
+
+import pytest
+
+from tests.fork_utils.launcher import _tagged_pids, launch
+
+
+def _write(tmp: Path, body: str) -> Path:
+    script = tmp / "job.py"
+    script.write_text(
+        "from tests.fork_utils.worker import run_rank, rank, init_process_group\n" + textwrap.dedent(body),
+        encoding="utf-8",
+    )
+    return script
+
+
+@pytest.mark.multiprocess
+class LauncherTest(unittest.TestCase):
+    def setUp(self):
+        import tempfile
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="launcher-test-"))
+
+    def test_job_past_its_timeout_is_killed_and_reported(self):
+        script = _write(
+            self.tmp,
+            """
+            import time
+
+            def main():
+                init_process_group()
+                print(f"rank {rank()} sleeping", flush=True)
+                time.sleep(600)
+
+            run_rank(main)
+            """,
+        )
+        timeout = 15
+        start = time.monotonic()
+        result = launch(script, nproc=2, timeout=timeout)
+        elapsed = time.monotonic() - start
+
+        self.assertTrue(result.timed_out)
+        self.assertLess(elapsed, timeout + 8, "the launcher must give up within the timeout plus a few seconds")
+        self.assertEqual(result.leftover_pids, [])
+        self.assertEqual(_tagged_pids(result.tag), [])
+        self.assertEqual(sorted(result.ranks), [0, 1])
+        for rank, outcome in result.ranks.items():
+            self.assertIn(f"rank {rank} sleeping", outcome.log)
+            # The stack dump asked for before the kill says where the rank was stuck.
+            self.assertIn("in main", outcome.log)
+        self.assertIn("TIMED OUT", result.report())
+        with self.assertRaises(AssertionError):
+            result.check()
+
+    def test_rank_that_raises_is_reported_with_its_traceback(self):
+        script = _write(
+            self.tmp,
+            """
+            import torch.distributed as dist
+
+            def main():
+                init_process_group()
+                if rank() == 1:
+                    raise ValueError("boom on rank 1")
+                dist.barrier()  # rank 0 would wait here forever: the launcher must still end the job
+                return {"rank": rank()}
+
+            run_rank(main)
+            """,
+        )
+        result = launch(script, nproc=2, timeout=60)
+
+        self.assertFalse(result.ok)
+        self.assertFalse(result.timed_out, "torchrun should stop the job as soon as rank 1 fails")
+        self.assertIn("ValueError: boom on rank 1", result.ranks[1].error)
+        self.assertIn("raise ValueError", result.ranks[1].error)
+        self.assertIn("ValueError: boom on rank 1", result.report())
+        self.assertEqual(_tagged_pids(result.tag), [])
+
+    def test_results_come_back_per_rank(self):
+        script = _write(
+            self.tmp,
+            """
+            import torch
+            import torch.distributed as dist
+
+            def main():
+                init_process_group()
+                value = torch.tensor([float(rank() + 1)])
+                dist.all_reduce(value)
+                return {"rank": rank(), "sum": value}
+
+            run_rank(main)
+            """,
+        )
+        results = launch(script, nproc=2, timeout=60).check().results()
+        self.assertEqual(sorted(results), [0, 1])
+        for rank, value in results.items():
+            self.assertEqual(value["rank"], rank)
+            self.assertEqual(value["sum"].item(), 3.0)
+

@@ -1,0 +1,208 @@
+"""The patch queue: the series applies to pristine, the review diff applies with git, the tool refuses bad input
+(checksum, broken patch, unrefreshed edits) with a message naming the cause, and rebase reports per patch."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+from parameterized import parameterized
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PATCHQ = REPO_ROOT / "utils" / "patchq.py"
+SHARED_CACHE = REPO_ROOT / ".cache" / "upstream"
+RELEASE_5_23 = ("5.23.0", "19d647a4d5d903a7c644ca5cde2d86efc3dde7d8c687ae7988806ff2205efa71")
+
+sys.path.insert(0, str(REPO_ROOT / "utils"))
+import patchq  # noqa: E402
+
+
+def run_patchq(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EPFORK_CACHE_DIR": str(SHARED_CACHE)}
+    return subprocess.run(
+        [sys.executable, str(PATCHQ), "--root", str(root), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+class PatchQueueTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="patchq-test-"))
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+
+    def scratch_repo(self) -> Path:
+        """A copy of this repo's pin and patch series, to break on purpose."""
+        root = self.tmp / "repo"
+        root.mkdir()
+        shutil.copy2(REPO_ROOT / "upstream.toml", root / "upstream.toml")
+        shutil.copytree(REPO_ROOT / "patches", root / "patches")
+        return root
+
+    def add_patch(self, root: Path, name: str, text: str) -> None:
+        (root / "patches" / name).write_text(text, encoding="utf-8")
+        with open(root / "patches" / "series", "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+
+    def test_series_applies_exactly_and_tree_matches(self):
+        proc = run_patchq(REPO_ROOT, "check")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("OK", proc.stdout)
+
+    def test_review_diff_applies_to_pristine_with_git(self):
+        proc = run_patchq(REPO_ROOT, "diff")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        diff = proc.stdout
+        for name in patchq.read_series(REPO_ROOT):
+            for path in patchq.PatchFile.read(REPO_ROOT / "patches" / name).sections:
+                self.assertIn(f"diff --git a/{path} b/{path}", diff)
+        pristine = self.tmp / "pristine"
+        shutil.copytree(patchq.fetch(REPO_ROOT) / "src", pristine / "src")
+        check = subprocess.run(["git", "apply", "--check", "-v", "-"], cwd=pristine, input=diff, capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stderr)
+
+    def test_every_patch_has_a_header(self):
+        for name in patchq.read_series(REPO_ROOT):
+            fields = patchq.PatchFile.read(REPO_ROOT / "patches" / name).header_fields()
+            self.assertTrue(fields.get("Description"), f"{name} lacks Description:")
+            self.assertIn(fields.get("Forwarded", "").split(" ")[0].rstrip(","), ("no", "not-needed", "yes", "https:"))
+
+    def test_corrupted_checksum_stops_with_clear_message(self):
+        root = self.scratch_repo()
+        text = (root / "upstream.toml").read_text().replace(patchq.Pin.load(REPO_ROOT).sha256, "0" * 64)
+        (root / "upstream.toml").write_text(text)
+        proc = run_patchq(root, "assemble")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("checksum mismatch", proc.stderr)
+        self.assertIn("0" * 64, proc.stderr)
+        self.assertFalse((root / "src" / "transformers").exists(), "nothing may be assembled from an unverified release")
+
+    def test_failed_fetch_stops_with_clear_message(self):
+        root = self.scratch_repo()
+        env = {**os.environ, "EPFORK_CACHE_DIR": str(self.tmp / "empty-cache")}
+        text = (root / "upstream.toml").read_text().replace('version = "5.24.0"', 'version = "0.0.0.999"')
+        (root / "upstream.toml").write_text(text)
+        proc = subprocess.run(
+            [sys.executable, str(PATCHQ), "--root", str(root), "fetch"], capture_output=True, text=True, env=env,
+            timeout=300,
+        )
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("could not fetch the pinned release transformers==0.0.0.999", proc.stderr)
+
+    def test_broken_patch_names_the_patch_and_hunk(self):
+        root = self.scratch_repo()
+        self.add_patch(
+            root,
+            "0999-broken.patch",
+            "Description: broken on purpose\nForwarded: not-needed\n---\n"
+            "diff --git a/src/transformers/activations.py b/src/transformers/activations.py\n"
+            "--- a/src/transformers/activations.py\n+++ b/src/transformers/activations.py\n"
+            "@@ -1,3 +1,3 @@\n-this line is not in the file\n+replacement\n context that does not exist\n",
+        )
+        proc = run_patchq(root, "assemble")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("0999-broken.patch", proc.stderr)
+        self.assertIn("hunk #1 of src/transformers/activations.py", proc.stderr)
+        self.assertFalse((root / "src" / "transformers").exists())
+
+    def test_unrefreshed_edit_is_detected_then_refreshed_into_its_patch(self):
+        root = self.scratch_repo()
+        self.assertEqual(run_patchq(root, "assemble").returncode, 0)
+        init = root / "src" / "transformers" / "__init__.py"
+        init.write_text(init.read_text() + "\n# an edit made while developing\n")
+
+        proc = run_patchq(root, "check")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("src/transformers/__init__.py: edited in src/transformers but not in patches/", proc.stderr)
+
+        # A series change must not silently drop the edit either.
+        self.add_patch(
+            root,
+            "0999-extra.patch",
+            "Description: extra\nForwarded: not-needed\n---\n" + patchq.file_diff(
+                "src/transformers/py.typed", None, _text_file(self.tmp, "typed\n")
+            ),
+        )
+        proc = run_patchq(root, "assemble")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("would be lost", proc.stderr)
+        (root / "patches" / "0999-extra.patch").unlink()
+        (root / "patches" / "series").write_text((REPO_ROOT / "patches" / "series").read_text())
+
+        proc = run_patchq(root, "refresh")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("0001-fork-version-label.patch: refreshed src/transformers/__init__.py", proc.stdout)
+        self.assertIn("+# an edit made while developing", (root / "patches" / "0001-fork-version-label.patch").read_text())
+        self.assertIn("Description:", (root / "patches" / "0001-fork-version-label.patch").read_text())
+        self.assertEqual(run_patchq(root, "check").returncode, 0)
+
+    def test_edit_to_a_file_no_patch_touches_needs_a_patch_name(self):
+        root = self.scratch_repo()
+        self.assertEqual(run_patchq(root, "assemble").returncode, 0)
+        target = root / "src" / "transformers" / "activations.py"
+        target.write_text(target.read_text() + "\n# new concern\n")
+        proc = run_patchq(root, "refresh")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("no patch touches it yet", proc.stderr)
+        proc = run_patchq(root, "refresh", "--new", "0002-new-concern")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("0002-new-concern.patch", (root / "patches" / "series").read_text())
+        # A new patch starts with a header to fill in; check insists on it.
+        proc = run_patchq(root, "check")
+        self.assertIn("0002-new-concern.patch: header field 'Description:' is missing or TODO", proc.stderr)
+
+
+class RebaseTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="rebase-test-"))
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.root = self.tmp / "repo"
+        self.root.mkdir()
+        shutil.copy2(REPO_ROOT / "upstream.toml", self.root / "upstream.toml")
+        shutil.copytree(REPO_ROOT / "patches", self.root / "patches")
+
+    @parameterized.expand([("dry_run", True), ("for_real", False)])
+    def test_series_moves_to_5_23_and_reports_each_patch(self, _name, dry_run):
+        args = ["rebase", *RELEASE_5_23] + (["--dry-run"] if dry_run else [])
+        proc = run_patchq(self.root, *args)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        for name in patchq.read_series(self.root):
+            self.assertRegex(proc.stdout, rf"(?m)^{name}: applied")
+        pin = patchq.Pin.load(self.root)
+        if dry_run:
+            self.assertEqual(pin.version, "5.24.0")
+        else:
+            self.assertEqual((pin.version, pin.sha256), RELEASE_5_23)
+            self.assertEqual(run_patchq(self.root, "check").returncode, 0)
+
+    def test_conflicting_patch_is_reported_with_its_hunk_and_pin_is_kept(self):
+        # A change to a line that only 5.24.0 has: it must conflict on 5.23.0.
+        init = patchq.fetch(REPO_ROOT) / "src" / "transformers" / "__init__.py"
+        changed = _text_file(self.tmp, init.read_text().replace('__version__ = "5.24.0"', '__version__ = "5.24.0.x"'))
+        section = patchq.file_diff("src/transformers/__init__.py", init, changed)
+        (self.root / "patches" / "0900-conflict.patch").write_text(
+            "Description: conflicts on 5.23.0 on purpose\nForwarded: not-needed\n---\n" + section
+        )
+        with open(self.root / "patches" / "series", "a") as f:
+            f.write("0900-conflict.patch\n")
+        before = (self.root / "upstream.toml").read_text()
+        patches_before = {p.name: p.read_text() for p in (self.root / "patches").iterdir()}
+
+        proc = run_patchq(self.root, "rebase", *RELEASE_5_23)
+
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("0900-conflict.patch: CONFLICT", proc.stdout)
+        self.assertRegex(proc.stdout, r"hunk #1 of src/transformers/__init__.py does not apply \(at line \d+\)")
+        self.assertIn("0001-fork-version-label.patch: applied", proc.stdout)
+        self.assertIn("the pin stays at 5.24.0", proc.stderr)
+        self.assertEqual((self.root / "upstream.toml").read_text(), before)
+        self.assertEqual({p.name: p.read_text() for p in (self.root / "patches").iterdir()}, patches_before)
+
+
+def _text_file(tmp: Path, text: str) -> Path:
+    fd, name = tempfile.mkstemp(dir=tmp, suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return Path(name)
