@@ -57,6 +57,10 @@ test: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+demo: install
+	$(PATCHQ) assemble --quiet
+	$(PY) examples/ep_deepspeed/run_demo.py
+
 # The quick loop while developing: no multi-process or slow tests.
 test-fast: install
 	$(PATCHQ) assemble --quiet

@@ -1,14 +1,15 @@
 """Tiny checkpoints for the fork's tests: seeded random weights, built from configs, saved with `save_pretrained`.
 
 No hub access: every test makes what it loads. `make_checkpoint("qwen3_moe", path)` writes a checkpoint exactly as
-`save_pretrained` does; `legacy_layout=True` rewrites its experts into the per-expert key layout of older releases
-(and Mixtral's `block_sparse_moe` prefix), which only the conversion mapping turns back into the model's fused
-tensors. `reference_state_dict(path)` gives the model-layout tensors a checkpoint stands for, to compare loads with.
+`save_pretrained` does. For MoE families that is the original per-expert key layout (`experts.0.gate_proj.weight`,
+Mixtral's `block_sparse_moe.experts.0.w1.weight`): save_pretrained reverses the conversion mapping, so loading it needs
+the mapping (per-expert tensors merged into the model's fused `gate_up_proj` / `down_proj`). `fused_layout=True`
+writes the model's own state-dict keys instead, which load without any conversion. `reference_state_dict(path)` gives
+the model-layout tensors a checkpoint stands for, to compare loads with.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 REFERENCE_FILE = "reference_state_dict.safetensors"  # written beside the checkpoint, in a sub-folder of its own
 
 
-def _common(**overrides):
+def _config_values(defaults: dict, overrides: dict) -> dict:
     values = dict(
         vocab_size=128,
         hidden_size=64,
@@ -29,6 +30,7 @@ def _common(**overrides):
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
+    values.update(defaults)
     values.update(overrides)
     return values
 
@@ -36,23 +38,21 @@ def _common(**overrides):
 def _qwen3_moe(**overrides):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(
-        **_common(
-            intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **overrides
-        )
-    )
+    defaults = dict(intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    return Qwen3MoeConfig(**_config_values(defaults, overrides))
 
 
 def _mixtral(**overrides):
     from transformers import MixtralConfig
 
-    return MixtralConfig(**_common(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **overrides))
+    defaults = dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    return MixtralConfig(**_config_values(defaults, overrides))
 
 
 def _llama(**overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**_common(intermediate_size=128, **overrides))
+    return LlamaConfig(**_config_values(dict(intermediate_size=128), overrides))
 
 
 FAMILIES = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "llama": _llama}
@@ -76,7 +76,7 @@ def num_experts(config) -> int:
 class TinyCheckpoint:
     path: Path
     family: str
-    legacy_layout: bool
+    fused_layout: bool
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
         return reference_state_dict(self.path)
@@ -92,7 +92,7 @@ def make_checkpoint(
     family: str,
     path: str | Path,
     seed: int = 0,
-    legacy_layout: bool = False,
+    fused_layout: bool = False,
     max_shard_size: str | None = None,
     **config_overrides,
 ) -> TinyCheckpoint:
@@ -106,63 +106,18 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **save_kwargs)
     reference = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if fused_layout:
+        model.config.save_pretrained(path)
+        save_file(reference, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        model.save_pretrained(path, **save_kwargs)
     (path / "reference").mkdir(exist_ok=True)
     save_file(reference, path / "reference" / REFERENCE_FILE)
-    if legacy_layout:
-        _rewrite_legacy_layout(path, family)
-    return TinyCheckpoint(path=path, family=family, legacy_layout=legacy_layout)
+    return TinyCheckpoint(path=path, family=family, fused_layout=fused_layout)
 
 
 def reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(Path(path) / "reference" / REFERENCE_FILE)
-
-
-def _legacy_expert_tensors(family: str, prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> dict:
-    """Split fused expert tensors [E, 2I, H] / [E, H, I] into the per-expert keys older checkpoints use."""
-    half = gate_up.shape[1] // 2
-    names = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1", "w3", "w2")}[family]
-    if family == "mixtral":
-        prefix = prefix.replace(".mlp.", ".block_sparse_moe.")
-    out = {}
-    for expert in range(gate_up.shape[0]):
-        out[f"{prefix}{expert}.{names[0]}.weight"] = gate_up[expert, :half].clone()
-        out[f"{prefix}{expert}.{names[1]}.weight"] = gate_up[expert, half:].clone()
-        out[f"{prefix}{expert}.{names[2]}.weight"] = down[expert].clone()
-    return out
-
-
-def _rewrite_legacy_layout(path: Path, family: str) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    if family not in MOE_FAMILIES:
-        raise ValueError(f"no legacy layout for {family!r}")
-    files = sorted(path.glob("*.safetensors"))
-    weight_map = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata()
-        rewritten = {}
-        for key, tensor in tensors.items():
-            if key.endswith(".mlp.experts.down_proj"):
-                continue
-            if key.endswith(".mlp.experts.gate_up_proj"):
-                prefix = key[: -len("gate_up_proj")]
-                down = tensors[prefix + "down_proj"]
-                rewritten.update(_legacy_expert_tensors(family, prefix, tensor, down))
-            elif family == "mixtral" and ".mlp.gate." in key:
-                rewritten[key.replace(".mlp.", ".block_sparse_moe.")] = tensor
-            else:
-                rewritten[key] = tensor
-        save_file(rewritten, file, metadata=metadata)
-        weight_map.update(dict.fromkeys(rewritten, file.name))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = dict(sorted(weight_map.items()))
-        index.write_text(json.dumps(data, indent=2))

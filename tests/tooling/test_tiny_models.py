@@ -1,4 +1,5 @@
-"""The tiny checkpoint factory: seeded, reloadable, and its legacy layout needs (and gets) the conversion mapping."""
+"""The tiny checkpoint factory: seeded, reloadable, in both key layouts (save_pretrained's per-expert layout, which
+needs the conversion mapping, and the model's fused layout)."""
 
 import tempfile
 import unittest
@@ -12,19 +13,21 @@ from tests.fork_utils.tiny_models import MOE_FAMILIES, make_checkpoint
 
 
 class TinyModelsTest(unittest.TestCase):
-    @parameterized.expand([(f, legacy) for f in MOE_FAMILIES for legacy in (False, True)] + [("llama", False)])
-    def test_checkpoint_reloads_to_its_reference(self, family, legacy):
+    @parameterized.expand([(f, fused) for f in MOE_FAMILIES for fused in (False, True)] + [("llama", False)])
+    def test_checkpoint_reloads_to_its_reference(self, family, fused):
         from transformers import AutoModelForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = make_checkpoint(family, Path(tmp) / "ckpt", seed=3, legacy_layout=legacy)
+            ckpt = make_checkpoint(family, Path(tmp) / "ckpt", seed=3, fused_layout=fused)
             keys = set()
             for file in ckpt.path.glob("*.safetensors"):
                 with safe_open(file, framework="pt") as f:
                     keys |= set(f.keys())
-            if legacy:
-                self.assertFalse([k for k in keys if k.endswith("gate_up_proj")], "legacy layout must not be fused")
-                self.assertTrue([k for k in keys if ".experts.0." in k])
+            if family in MOE_FAMILIES:
+                fused_keys = [k for k in keys if k.endswith("experts.gate_up_proj")]
+                per_expert_keys = [k for k in keys if ".experts.0." in k]
+                self.assertEqual(bool(fused_keys), fused)
+                self.assertEqual(bool(per_expert_keys), not fused, "save_pretrained writes the per-expert layout")
             model = AutoModelForCausalLM.from_pretrained(ckpt.path)
             loaded, reference = model.state_dict(), ckpt.reference_state_dict()
             self.assertEqual(set(loaded), set(reference))

@@ -1,0 +1,130 @@
+"""Rank side of the loading tests: load a tiny checkpoint and report what this rank holds.
+
+Modes (``--mode``):
+- ``accelerate``: started by ``accelerate launch`` with a DeepSpeed ZeRO-3 config; an ``Accelerator`` registers the
+  DeepSpeed config with transformers before ``from_pretrained``, as in a user's training script.
+- ``hf_deepspeed_config``: started by ``torchrun``; registers ZeRO-3 in process with ``HfDeepSpeedConfig``.
+- ``plain``: started by ``torchrun`` without DeepSpeed (EP only, or a reference).
+
+The test process compares the returned tensors with the checkpoint: nothing is asserted here, so that a wrong load is
+reported with numbers rather than as a crash.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.distributed as dist
+
+from tests.fork_utils.worker import init_process_group, rank, run_rank
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--mode", choices=["accelerate", "hf_deepspeed_config", "plain"], required=True)
+    parser.add_argument("--ep-size", type=int, default=None)
+    parser.add_argument("--fsdp-size", type=int, default=None, help="the explicit data-parallel size, with --ep-size")
+    parser.add_argument("--enable-expert-parallel", action="store_true", help="the deprecated flag, no ep_size")
+    parser.add_argument("--no-distributed-config", action="store_true", help="a dense ZeRO-3 load")
+    parser.add_argument("--forward", action="store_true", help="run a forward pass on a batch of this rank's own")
+    parser.add_argument("--save-config", default=None, help="rank 0 saves the loaded model's config here")
+    return parser.parse_args()
+
+
+def register_deepspeed(mode):
+    """Keep the returned object alive: transformers only holds a weak reference to the DeepSpeed config."""
+    if mode == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        from tests.fork_utils.worker import backend
+
+        # On CPU accelerate must be told to use gloo, or every rank believes it is alone.
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+    init_process_group()
+    if mode == "hf_deepspeed_config":
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(
+            {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+        )
+    return None
+
+
+def local_tensor(param):
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param.data
+
+
+def describe_params(model):
+    """Every parameter as this rank holds it; ZeRO-3 partitions are reported with their gathered value too."""
+    params = {}
+    for name, param in model.named_parameters():
+        entry = {"local": local_tensor(param).detach().clone(), "ds_id": hasattr(param, "ds_id")}
+        if entry["ds_id"]:
+            import deepspeed
+
+            entry["ds_local_numel"] = param.ds_tensor.numel()
+            entry["ds_numel"] = param.ds_numel
+            with deepspeed.zero.GatheredParameters([param]):
+                entry["gathered"] = param.data.detach().clone()
+        params[name] = entry
+    return params
+
+
+def forward_on_own_batch(model):
+    generator = torch.Generator().manual_seed(1234 + rank())
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=generator)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    return {"input_ids": input_ids, "logits": logits}
+
+
+def main():
+    args = parse_args()
+    keep_alive = register_deepspeed(args.mode)  # noqa: F841
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    kwargs = {"dtype": torch.float32}
+    if not args.no_distributed_config:
+        config_kwargs = {"enable_expert_parallel": True} if args.enable_expert_parallel else {"ep_size": args.ep_size}
+        if args.fsdp_size is not None:
+            config_kwargs["fsdp_size"] = args.fsdp_size
+        kwargs["distributed_config"] = DistributedConfig(**config_kwargs)
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs)
+    load_seconds = time.perf_counter() - start
+    model.eval()
+
+    distributed_config = getattr(model.config, "distributed_config", None)
+    report = {
+        "rank": rank(),
+        "world_size": dist.get_world_size(),
+        "zero3": is_deepspeed_zero3_enabled(),
+        "has_ep": getattr(model, "has_ep", None),
+        "ep_size": getattr(distributed_config, "ep_size", None),
+        "load_seconds": load_seconds,
+        "params": describe_params(model),
+        "meta": [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta],
+        "fsdp_managed": any(type(m).__name__.startswith("FSDP") for m in model.modules()),
+        "local_num_experts": sorted({m.num_experts for n, m in model.named_modules() if n.endswith("mlp.experts")}),
+    }
+    if args.forward:
+        report["forward"] = forward_on_own_batch(model)
+    if args.save_config and rank() == 0:
+        model.config.save_pretrained(args.save_config)
+        with open(f"{args.save_config}/config.json") as f:
+            report["saved_config"] = json.load(f)
+    dist.barrier()
+    return report
+
+
+if __name__ == "__main__":
+    run_rank(main)
