@@ -1,4 +1,4 @@
-"""Load a Mixture-of-Experts model with expert parallelism (EP) under DeepSpeed ZeRO-3, on every rank.
+"""Load a Mixture-of-Experts model with expert parallelism (EP) under DeepSpeed ZeRO-3, then train it.
 
 Launch (2 CPU processes; on GPUs drop nothing, the script picks NCCL when CUDA is there):
 
@@ -7,11 +7,13 @@ Launch (2 CPU processes; on GPUs drop nothing, the script picks NCCL when CUDA i
 
 Each rank loads only its experts: with E experts and `ep_size` P, rank r holds experts [r % P * E/P, ...). The script
 prints, per rank, which experts it holds and, given `--reference` (the model's state dict saved with safetensors, as
-the demo writes it), whether they equal the checkpoint's tensors.
+the demo writes it), whether they equal the checkpoint's tensors. With `--train_steps N` it then trains N AdamW steps
+through `accelerator.prepare` (DeepSpeed ZeRO-3 engine), each rank on its own batch, and prints the loss per step;
+`--record FILE` writes the losses and each step's global batch (all ranks' rows) as JSON, for a reference run.
 """
 
 import argparse
-from pathlib import Path
+import json
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +29,11 @@ def parse_args():
     parser.add_argument("--model_path", required=True, help="a local checkpoint saved with save_pretrained")
     parser.add_argument("--ep_size", type=int, default=None, help="expert-parallel size (default: all ranks)")
     parser.add_argument("--reference", default=None, help="safetensors file of the model's state dict, to compare")
+    parser.add_argument("--train_steps", type=int, default=0)
+    parser.add_argument("--micro_batch_size", type=int, default=2)
+    parser.add_argument("--seq_len", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--record", default=None, help="rank 0 writes the losses and global batches here (JSON)")
     return parser.parse_args()
 
 
@@ -52,6 +59,36 @@ def report_experts(model, reference: dict | None, rank: int, ep_size: int) -> bo
     return all_match
 
 
+def train(args, accelerator, model):
+    """AdamW steps through the DeepSpeed engine that `accelerator.prepare` builds; every rank feeds its own rows."""
+    from torch.utils.data import DataLoader
+
+    steps, rows = args.train_steps, args.micro_batch_size * accelerator.num_processes
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (steps * rows, args.seq_len), generator=generator)
+    loader = DataLoader([{"input_ids": row, "labels": row} for row in data], batch_size=args.micro_batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    engine, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+    # "gradient_clipping": "auto" in the DeepSpeed config takes accelerate's value; the reference must clip alike.
+    record = {"losses": [], "global_batches": [], "gradient_clipping": engine.gradient_clipping()}
+    for step, batch in enumerate(loader):
+        loss = engine(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        global_batch = accelerator.gather(batch["input_ids"])
+        record["losses"].append(mean_loss)
+        record["global_batches"].append(global_batch.tolist())
+        if accelerator.is_main_process:
+            print(f"[rank 0] step {step}: loss {mean_loss:.6f} (mean over {accelerator.num_processes} ranks)", flush=True)
+    if args.record and accelerator.is_main_process:
+        with open(args.record, "w") as f:
+            json.dump(record, f)
+    return engine
+
+
 def main():
     args = parse_args()
     # On CPU-only machines accelerate must be told to use gloo (on GPUs the default, NCCL, is right).
@@ -69,9 +106,11 @@ def main():
     ok = report_experts(model, reference, rank, ep_size)
     verdict = "" if reference is None else f": experts {'equal' if ok else 'DIFFER FROM'} the checkpoint"
     print(f"[rank {rank}] loaded with EP {ep_size} under DeepSpeed ZeRO-3{verdict}", flush=True)
-    accelerator.wait_for_everyone()
     if not ok:
         raise SystemExit(f"rank {rank}: expert tensors differ from the checkpoint")
+    if args.train_steps:
+        train(args, accelerator, model)
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     make demo        (sets up .venv first), or: python examples/ep_deepspeed/run_demo.py
 
-It saves a tiny random Qwen3-MoE checkpoint, then runs `ep_zero3.py` on 2 ranks with `accelerate launch` and the
-DeepSpeed ZeRO-3 config of docs/configs, under a hard timeout.
+It saves a tiny random Qwen3-MoE checkpoint, runs `ep_zero3.py` on 2 ranks with `accelerate launch` and the DeepSpeed
+ZeRO-3 config of docs/configs under a hard timeout (load: each rank its experts; then a few training steps, each rank
+its own batch), and trains a single process on the same global batches to print its losses next to them.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,10 +38,40 @@ def make_tiny_moe(path: Path, reference: Path) -> None:
     print(f"demo: saved a tiny Qwen3-MoE ({config.num_experts} experts, {config.num_hidden_layers} layers) to {path}")
 
 
+def single_process_losses(model_path: Path, record: dict, learning_rate: float) -> list[float]:
+    """The reference: one process, the whole global batch of each step, the same AdamW and gradient clipping."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    losses = []
+    for batch in record["global_batches"]:
+        input_ids = torch.tensor(batch)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        if record["gradient_clipping"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), record["gradient_clipping"])
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def print_loss_table(record: dict, reference: list[float]) -> float:
+    print("demo: step | EP + ZeRO-3, 2 ranks | single process, same global batch | relative diff")
+    worst = 0.0
+    for step, (ours, ref) in enumerate(zip(record["losses"], reference)):
+        rel = abs(ours - ref) / ref
+        worst = max(worst, rel)
+        print(f"demo: {step:4d} | {ours:20.6f} | {ref:34.6f} | {rel:.1e}")
+    return worst
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300, help="seconds before the whole job is killed")
+    parser.add_argument("--train_steps", type=int, default=5)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ep-zero3-demo-") as workdir:
@@ -50,6 +82,8 @@ def main():
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
             "--num_processes", str(args.nproc), str(Path(__file__).with_name("ep_zero3.py")),
             "--model_path", str(model_path), "--ep_size", str(args.nproc), "--reference", str(reference),
+            "--train_steps", str(args.train_steps), "--learning_rate", str(args.learning_rate),
+            "--record", str(Path(workdir) / "record.json"),
         ]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         if not torch.cuda.is_available():
@@ -59,7 +93,16 @@ def main():
             proc = subprocess.run(command, cwd=REPO_ROOT, env=env, timeout=args.timeout, start_new_session=True)
         except subprocess.TimeoutExpired:
             sys.exit(f"demo: timed out after {args.timeout:.0f} s")
-    sys.exit(proc.returncode)
+        if proc.returncode != 0:
+            sys.exit(proc.returncode)
+        if args.train_steps:
+            record = json.loads((Path(workdir) / "record.json").read_text())
+            reference = single_process_losses(model_path, record, args.learning_rate)
+            worst = print_loss_table(record, reference)
+            verdict = "match" if worst <= 1e-5 else "DIFFER"
+            print(f"demo: training losses {verdict} the single-process reference (max relative diff {worst:.1e})")
+            if worst > 1e-5:
+                sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,54 +1,25 @@
 """Rank side of the training tests: load a tiny MoE with EP under DeepSpeed ZeRO-3, train K steps, report.
 
 Entry points (``--entry``), the three ways users start DeepSpeed training:
-- ``deepspeed``: ``deepspeed.initialize`` directly (launched with torchrun; ZeRO-3 registered with HfDeepSpeedConfig);
-- ``accelerate``: ``accelerate launch`` with the DeepSpeed ZeRO-3 config file, then ``accelerator.prepare``;
-- ``trainer``: ``Trainer`` with ``TrainingArguments(deepspeed=...)`` (launched with torchrun).
+- ``deepspeed``: ``deepspeed.initialize`` directly (torchrun; ZeRO-3 registered in process with HfDeepSpeedConfig);
+- ``accelerate``: ``accelerate launch`` with docs/configs' DeepSpeed ZeRO-3 config, then ``accelerator.prepare``;
+- ``trainer``: ``Trainer`` with ``TrainingArguments(deepspeed=...)`` created before ``from_pretrained`` (torchrun).
 
-Every rank feeds its own rows of a global batch that the test process can rebuild (`global_batch`), so a single
-process trained on the whole global batch is the reference. Nothing is asserted here: the test compares numbers.
+Every rank feeds its own rows and records them, so the test process can rebuild each step's global batch (the ranks'
+rows in rank order) and train a single-process reference on it. Nothing is asserted here: the test compares numbers.
 """
 
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import init_process_group, rank, run_rank, world_size
+from tests.fork_utils.worker import backend, init_process_group, rank, run_rank, world_size
 
 
 SEQ_LEN = 12
-
-
-def global_batch(step: int, global_rows: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
-    """The token ids of one optimizer step for all ranks together (rank r takes its rows in rank order)."""
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    return torch.randint(0, vocab_size, (global_rows, SEQ_LEN), generator=generator)
-
-
-def rank_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    rows = batch.shape[0] // world_size
-    return batch[rank * rows : (rank + 1) * rows]
-
-
-def deepspeed_config(args) -> dict:
-    config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    if args.extra_ds_config:
-        config.update(json.loads(args.extra_ds_config))
-    return config
-
-
-def make_optimizer(args, params):
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
 def parse_args():
@@ -61,55 +32,197 @@ def parse_args():
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--extra-ds-config", default=None, help="JSON merged into the DeepSpeed config")
+    parser.add_argument("--drop-expert-family-tag", action="store_true",
+                        help="negative control: experts' gradients then get averaged like dense ones")
     return parser.parse_args()
 
 
-def gathered_state(engine_module) -> dict[str, torch.Tensor]:
-    """Every parameter as this rank sees it gathered over its ZeRO-3 partition group: whole dense tensors, and this
-    rank's EP slice of each expert tensor (experts are partitioned only within their expert-data-parallel group)."""
+def dataset_rows(args, vocab_size: int) -> torch.Tensor:
+    """All rows of the run, in the order a non-shuffling sampler deals them out: step by step, rank by rank."""
+    generator = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab_size, (args.steps * world_size() * args.micro_batch, SEQ_LEN), generator=generator)
+
+
+def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
+    start = (step * world_size() + rank()) * args.micro_batch
+    return data[start : start + args.micro_batch]
+
+
+def deepspeed_config(args) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def make_optimizer(args, params):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def gathered_state(module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered over its ZeRO-3 partition group: dense tensors whole, experts this rank's EP slice."""
     import deepspeed
 
     state = {}
-    for name, param in engine_module.named_parameters():
+    for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
             state[name] = param.data.detach().clone()
     return state
 
 
-def train_with_deepspeed(args, model):
+def partition_groups(module) -> dict[str, list[int]]:
+    """The ranks each parameter is partitioned (and its gradient reduce-scattered) over."""
+    return {
+        name: dist.get_process_group_ranks(param.ds_process_group)
+        for name, param in module.named_parameters()
+        if hasattr(param, "ds_process_group")
+    }
+
+
+def register_deepspeed(args):
+    """Register ZeRO-3 before `from_pretrained`, as each entry point does; keep what it returns alive."""
+    if args.entry == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+    if args.entry == "trainer":
+        from accelerate import PartialState
+
+        from transformers import TrainingArguments
+
+        if backend() == "gloo":
+            # CPU only: accelerate would start DeepSpeed's state without a backend and see 1 process. Start it with
+            # gloo and let TrainingArguments reuse it (`use_configured_state`). GPU runs need none of this.
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            PartialState(backend="gloo")
+        config = deepspeed_config(args)
+        config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
+        return TrainingArguments(
+            output_dir=os.environ.get("EPFORK_RESULTS_DIR", ".") + "/trainer",
+            deepspeed=config,
+            per_device_train_batch_size=args.micro_batch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            optim="sgd" if args.optimizer == "sgd" else "adamw_torch",
+            max_grad_norm=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=args.seed,
+            accelerator_config={"use_configured_state": backend() == "gloo"},
+        )
+    init_process_group()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config(args))
+
+
+def train_deepspeed(args, model, data, record):
     import deepspeed
 
-    optimizer = make_optimizer(args, model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(args))
-    initial = gathered_state(engine.module)
-    losses = []
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(args, model.parameters()),
+                                      config=deepspeed_config(args))
+    record["initial"] = gathered_state(engine.module)
     for step in range(args.steps):
-        batch = global_batch(step, args.micro_batch * world_size(), model.config.vocab_size, args.seed)
-        input_ids = rank_rows(batch, rank(), world_size())
+        input_ids = rows_of(data, args, step)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
-    return engine.module, initial, losses
+        record["inputs"].append(input_ids)
+        record["losses"].append(loss.item())
+    record["clip"] = engine.gradient_clipping()
+    return engine.module
+
+
+def train_accelerate(args, accelerator, model, data, record):
+    from torch.utils.data import DataLoader
+
+    rows = [{"input_ids": row, "labels": row} for row in data]
+    loader = DataLoader(rows, batch_size=args.micro_batch, shuffle=False)
+    engine, optimizer, loader = accelerator.prepare(model, make_optimizer(args, model.parameters()), loader)
+    record["initial"] = gathered_state(engine.module)
+    for batch in loader:
+        loss = engine(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        record["inputs"].append(batch["input_ids"].clone())
+        record["losses"].append(loss.item())
+    record["clip"] = engine.gradient_clipping()
+    return engine.module
+
+
+def train_trainer(args, training_args, model, data, record):
+    from transformers import Trainer
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {"input_ids": data[i], "labels": data[i]}
+
+    class RecordingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not record["inputs"]:
+                record["initial"] = gathered_state(self.model)
+            record["inputs"].append(inputs["input_ids"].detach().clone())
+            # Averaged over ranks this is the global batch's mean loss, token-averaged across ranks or not (equal
+            # token counts): the Trainer scales each rank's loss by the world size when it divides by all tokens.
+            record["losses"].append(loss.item())
+            return loss
+
+    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=Rows())
+    trainer.train()
+    record["engine"] = type(trainer.model_wrapped).__name__
+    record["logged_losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record["clip"] = trainer.model_wrapped.gradient_clipping()
+    return trainer.model
 
 
 def main():
     args = parse_args()
-    init_process_group()
+    registered = register_deepspeed(args)
+
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
-    from transformers.integrations import HfDeepSpeedConfig
 
-    keep_alive = HfDeepSpeedConfig(deepspeed_config(args))  # noqa: F841  (transformers holds a weak reference)
     model = AutoModelForCausalLM.from_pretrained(
         args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size), dtype=torch.float32
     )
+    if args.drop_expert_family_tag:
+        for param in model.parameters():
+            if hasattr(param, "ds_zero_placement_family"):
+                del param.ds_zero_placement_family
     model.train()
-    module, initial, losses = train_with_deepspeed(args, model)
-    final = gathered_state(module)
+    data = dataset_rows(args, model.config.vocab_size)
+    record = {"inputs": [], "losses": []}
+    if args.entry == "deepspeed":
+        module = train_deepspeed(args, model, data, record)
+    elif args.entry == "accelerate":
+        module = train_accelerate(args, registered, model, data, record)
+    else:
+        module = train_trainer(args, registered, model, data, record)
+    record.update(
+        rank=rank(),
+        world_size=world_size(),
+        ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank(),
+        final=gathered_state(module),
+        partition_groups=partition_groups(module),
+        inputs=torch.stack(record["inputs"]),
+    )
     dist.barrier()
-    return {"rank": rank(), "world_size": world_size(), "initial": initial, "final": final, "losses": losses}
+    return record
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Training an expert-parallel MoE under DeepSpeed ZeRO-3 matches a single process trained on the global batch.
+
+Every rank feeds its own batch. After `deepspeed.initialize` (directly, through `accelerate`, through `Trainer`) each
+rank must still hold its experts; K steps must give the single-process reference's losses (relative 1e-5) and
+weights: SGD within 1e-6; AdamW within the noise floor measured here (the reference rerun with its batch summed in
+another order), far below one update. Expert gradients are reduced only within the expert-data-parallel group: the
+partition groups say so, and a run without the expert tag, whose expert gradients DeepSpeed then averages like dense
+ones, lands off the reference.
+"""
+
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import pytest
+import torch
+from parameterized import parameterized
+
+from tests.fork_utils.launcher import CONFIG_DIR, launch
+from tests.fork_utils.tiny_models import make_checkpoint, reference_state_dict
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "ep_train.py"
+ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
+TIMEOUT = 180
+
+
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+def assemble_experts(results: dict, key: str, ep_size: int) -> dict[str, torch.Tensor]:
+    """Whole tensors from the ranks' gathered states: dense from rank 0, experts concatenated in EP-rank order."""
+    by_ep_rank = {}
+    for report in results.values():
+        by_ep_rank.setdefault(report["ep_rank"], report[key])
+    full = {}
+    for name, tensor in results[0][key].items():
+        full[name] = torch.cat([by_ep_rank[r][name] for r in range(ep_size)]) if is_expert_param(name) else tensor
+    return full
+
+
+def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks=1):
+    """Single process on each step's global batch; `chunks > 1` sums the same mean loss in another order."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.train()
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for batch in global_batches:
+        loss = sum(model(input_ids=part, labels=part).loss for part in batch.chunk(chunks)) / chunks
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, str]:
+    worst = max(a, key=lambda k: (a[k] - b[k]).abs().max().item())
+    return (a[worst] - b[worst]).abs().max().item(), worst
+
+
+@pytest.mark.multiprocess
+class EPZero3TrainTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-train-"))
+        cls.checkpoints = {
+            "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=21).path,
+            "mixtral": make_checkpoint("mixtral", cls.tmp / "mixtral", seed=22).path,
+            "qwen3_moe_8": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe_8", seed=23, num_experts=8).path,
+        }
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def run_training(self, checkpoint, entry, optimizer, nproc=2, ep_size=2, steps=5, extra=()):
+        args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", ep_size,
+                "--steps", steps, "--optimizer", optimizer, *extra]
+        if entry == "accelerate":
+            result = launch(SCRIPT, args, nproc=nproc, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
+                            timeout=TIMEOUT)
+        else:
+            result = launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT)
+        return result.check().results()
+
+    def compare_with_reference(self, checkpoint, results, optimizer, ep_size, lr=1e-2):
+        nproc = len(results)
+        steps = len(results[0]["losses"])
+        global_batches = [torch.cat([results[r]["inputs"][s] for r in range(nproc)]) for s in range(steps)]
+        for s in range(steps):
+            rows = [tuple(results[r]["inputs"][s].flatten().tolist()) for r in range(nproc)]
+            self.assertEqual(len(set(rows)), nproc, f"step {s}: the ranks did not feed batches of their own")
+        clip = results[0]["clip"]
+        ref_losses, ref_weights = train_reference(self.checkpoints[checkpoint], global_batches, optimizer, lr, clip)
+
+        # Right after initialize: every rank's experts unchanged, dense weights equal to the checkpoint on all ranks.
+        checkpoint_state = reference_state_dict(self.checkpoints[checkpoint])
+        for rank, report in results.items():
+            for name, tensor in report["initial"].items():
+                want = checkpoint_state[name]
+                if is_expert_param(name):
+                    n = want.shape[0] // ep_size
+                    want = want[report["ep_rank"] * n : (report["ep_rank"] + 1) * n]
+                self.assertTrue(torch.equal(tensor, want), f"rank {rank}: {name} changed by initialize")
+
+        mean_losses = [sum(results[r]["losses"][s] for r in range(nproc)) / nproc for s in range(steps)]
+        for step, (got, want) in enumerate(zip(mean_losses, ref_losses)):
+            self.assertLessEqual(abs(got - want) / want, 1e-5, f"step {step}: loss {got} vs reference {want}")
+
+        final = assemble_experts(results, "final", ep_size)
+        diff, worst = max_diff(final, ref_weights)
+        if optimizer == "sgd":
+            self.assertLessEqual(diff, 1e-6, f"final weights differ by {diff} at {worst}")
+        else:
+            _, reordered = train_reference(self.checkpoints[checkpoint], global_batches, optimizer, lr, clip, chunks=nproc)
+            floor, _ = max_diff(reordered, ref_weights)
+            self.assertLessEqual(diff, max(4 * floor, 1e-6), f"final weights off by {diff} at {worst}; floor {floor}")
+            self.assertLess(diff, lr / 10, "off by a whole update: a stale or misplaced expert")
+        return mean_losses, ref_losses
+
+    def assert_experts_reduced_within_expert_data_parallel_groups(self, results, ep_size):
+        nproc = len(results)
+        for rank, report in results.items():
+            edp_group = [r for r in range(nproc) if r % ep_size == rank % ep_size]
+            for name, ranks in report["partition_groups"].items():
+                self.assertEqual(ranks, edp_group if is_expert_param(name) else list(range(nproc)), f"{rank}: {name}")
+
+    @parameterized.expand([("qwen3_moe", "adamw"), ("qwen3_moe", "sgd"), ("mixtral", "adamw"), ("mixtral", "sgd")])
+    def test_deepspeed_initialize_matches_single_process(self, checkpoint, optimizer):
+        results = self.run_training(checkpoint, "deepspeed", optimizer)
+        self.compare_with_reference(checkpoint, results, optimizer, ep_size=2)
+        self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
+    @parameterized.expand([("sgd",), ("adamw",)])
+    @pytest.mark.slow
+    def test_ep_times_expert_data_parallel_on_4_ranks(self, optimizer):
+        results = self.run_training("qwen3_moe_8", "deepspeed", optimizer, nproc=4)
+        self.compare_with_reference("qwen3_moe_8", results, optimizer, ep_size=2)
+        self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
+    def test_accelerate_prepare_matches_single_process(self):
+        results = self.run_training("mixtral", "accelerate", "adamw")
+        self.compare_with_reference("mixtral", results, "adamw", ep_size=2)
+
+    def test_trainer_matches_single_process(self):
+        results = self.run_training("qwen3_moe", "trainer", "adamw")
+        self.assertEqual(results[0]["engine"], "DeepSpeedEngine", "the Trainer must build a DeepSpeed engine")
+        mean_losses, ref_losses = self.compare_with_reference("qwen3_moe", results, "adamw", ep_size=2)
+        logged = results[0]["logged_losses"]
+        self.assertEqual(len(logged), len(ref_losses))
+        for step, (got, want) in enumerate(zip(logged, ref_losses)):
+            # The Trainer logs 4 significant digits.
+            self.assertLessEqual(abs(got - want) / want, 1e-3, f"step {step}: logged loss {got} vs {want}")
+
+    @pytest.mark.slow
+    def test_negative_control_expert_gradients_averaged_like_dense_ones_are_wrong(self):
+        """Without the expert tag DeepSpeed averages expert gradients by the expert-data-parallel size instead of
+        the world size: the comparison above must catch it."""
+        results = self.run_training("qwen3_moe", "deepspeed", "sgd", extra=["--drop-expert-family-tag"])
+        with self.assertRaises(AssertionError):
+            self.compare_with_reference("qwen3_moe", results, "sgd", ep_size=2)
