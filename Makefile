@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help install assemble check diff refresh rebase test test-fast demo clean
+.PHONY: help install assemble check diff refresh rebase test test-fast demo bench-load clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -23,6 +23,7 @@ help:
 	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
 	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
+	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
 
 install: $(VENV)/.installed
 
@@ -65,6 +66,12 @@ demo: install
 test-fast: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m pytest tests -m "not multiprocess and not slow" $(PYTEST_ARGS)
+
+# Load benchmark (benchmarks/load_ep_zero3.py): 2 CPU ranks, 3 cases, about 2-3 min; JSON in benchmarks/results/.
+BENCH_ARGS ?=
+bench-load: install
+	$(PATCHQ) assemble --quiet
+	$(PY) benchmarks/load_ep_zero3.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache src/transformers src/*.egg-info .pytest_cache

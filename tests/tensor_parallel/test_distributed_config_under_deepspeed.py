@@ -50,8 +50,8 @@ class DistributedConfigUnderDeepSpeedTest(unittest.TestCase):
                 self.assertEqual(config.ep_size, 2, "enable_expert_parallel must not silently mean no EP")
                 self.assertTrue(is_expert_parallel_under_zero3(config))
             else:
-                # Not ZeRO-3 and no fsdp_size: a clear error rather than a model without expert parallelism.
-                with self.assertRaisesRegex(ValueError, "must divide"):
+                # EP under another ZeRO stage: a clear error on every rank rather than a wrongly trained model.
+                with self.assertRaisesRegex(NotImplementedError, "needs ZeRO stage 3, got stage 2"):
                     DistributedConfig(enable_expert_parallel=True)
 
     def test_decision_point_is_false_without_zero3_or_ep(self):

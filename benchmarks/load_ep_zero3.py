@@ -1,0 +1,606 @@
+"""Load benchmark: expert parallelism under DeepSpeed ZeRO-3 against EP-only and the upstream dense ZeRO-3 path.
+
+    make bench-load                              # or: .venv/bin/python benchmarks/load_ep_zero3.py [--runs 3]
+
+One Qwen3MoeForCausalLM of 461 MB (8 layers, hidden 512, 16 experts, top-2, moe_intermediate 512, vocab 8000, fp32,
+per-expert checkpoint layout, 4 safetensors shards of <= 150 MB) is built once under `.cache/bench/` and copied once
+per rank, so that each rank reads a copy of its own from disk and page-cache hits are never credited to the other
+rank. Each case runs on 2 CPU ranks through its real launcher (under a hard timeout):
+
+- `ep_only`:    torchrun, `DistributedConfig(fsdp_size=2, ep_size=2)` (FSDP2 shards the dense weights)
+- `ep_zero3`:   accelerate launch + docs/configs/accelerate_deepspeed_zero3.yaml, `DistributedConfig(ep_size=2)`
+- `dense_zero3`: the same launch without a distributed config: upstream's `zero.Init` path (rank 0 reads everything)
+
+Per rank, around `from_pretrained` only (imports, process group and DeepSpeed init before, barriers around it):
+- load wall time with a warm page cache: 1 warm-up, then the median [min-max] of `--runs` loads;
+- peak RSS: VmHWM after resetting it (`echo 5 > /proc/self/clear_refs`) right before the load;
+- cold bytes from disk: the rank's own copy is evicted (posix_fadvise DONTNEED) before one more load, then its
+  page-cache residency (mincore) says which bytes were pulled in for this rank, split into dense weights, this
+  rank's experts and other ranks' experts; `/proc/self/io` read_bytes over the load is reported beside it;
+- experts: the expert elements this rank read from the checkpoint (counted at `safe_open`) and holds after the load.
+
+The results go to a table on stdout and to JSON under benchmarks/results/ (git-ignored), with the ratios against the
+goals: EP+ZeRO-3 / EP-only load time <= 1.15, no rank reads or holds all experts, cold bytes per rank <= 1.1 x the
+layout minimum (EP under ZeRO-3: the headers, every dense weight and this rank's experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import mmap
+import os
+import re
+import shutil
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+CACHE = REPO_ROOT / ".cache" / "bench"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+ACCELERATE_ZERO3 = REPO_ROOT / "docs" / "configs" / "accelerate_deepspeed_zero3.yaml"
+NPROC = 2
+EP_SIZE = 2
+MODEL = dict(
+    num_hidden_layers=8,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=512,
+    vocab_size=8000,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+CHECKPOINT_NAME = "qwen3moe-l8-h512-e16-v8000-fp32-150MB"
+# case -> (launcher, from_pretrained's distributed config as DistributedConfig kwargs, or None)
+CASES = {
+    "ep_only": ("torchrun", {"fsdp_size": 2, "ep_size": EP_SIZE}),
+    "ep_zero3": ("accelerate", {"ep_size": EP_SIZE}),
+    "dense_zero3": ("accelerate", None),
+}
+GOAL_TIME_RATIO = 1.15
+GOAL_COLD_RATIO = 1.1
+MB = 1e6
+EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpoint: built once, one copy per rank
+
+
+def checkpoint_dir(rank: int) -> Path:
+    return CACHE / CHECKPOINT_NAME / f"rank{rank}"
+
+
+def build_checkpoints() -> None:
+    """Save the model once (seeded), then copy it per rank; a copy is complete once its marker file exists."""
+    base = CACHE / CHECKPOINT_NAME
+    if all((checkpoint_dir(r) / ".complete").exists() for r in range(NPROC)):
+        return
+    import torch
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    print(f"building the benchmark checkpoint under {base} (once)", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).to(torch.float32)
+    staging = base / "staging"
+    model.save_pretrained(staging, max_shard_size="150MB")
+    del model
+    for rank in range(NPROC):
+        shutil.copytree(staging, checkpoint_dir(rank))
+        (checkpoint_dir(rank) / ".complete").touch()
+    shutil.rmtree(staging)
+
+
+def read_layout(directory: Path) -> dict:
+    """Every tensor's byte range in its file (from the safetensors headers), and the header sizes."""
+    files = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        start = 8 + header_len
+        tensors = {
+            key: (start + info["data_offsets"][0], start + info["data_offsets"][1])
+            for key, info in header.items()
+            if key != "__metadata__"
+        }
+        files[str(path)] = {"size": path.stat().st_size, "header": start, "tensors": tensors}
+    return files
+
+
+def expert_of(key: str) -> int | None:
+    match = EXPERT_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+def owned_experts(num_experts: int, rank: int, ep_size: int | None) -> set[int]:
+    """Rank r of an EP group of consecutive ranks owns experts [r % ep * E/ep, (r % ep + 1) * E/ep)."""
+    if not ep_size:
+        return set()
+    per_rank = num_experts // ep_size
+    first = (rank % ep_size) * per_rank
+    return set(range(first, first + per_rank))
+
+
+def layout_minimum(layout: dict, case: str, rank: int) -> float:
+    """The bytes this rank must read for its share: headers, then the dense weights (all of them, or its FSDP half)
+    and its experts; rank 0 reads everything on the dense ZeRO-3 path, the other ranks only the headers."""
+    headers = sum(f["header"] for f in layout.values())
+    dense = sum(e - s for f in layout.values() for k, (s, e) in f["tensors"].items() if expert_of(k) is None)
+    experts = sum(e - s for f in layout.values() for k, (s, e) in f["tensors"].items() if expert_of(k) is not None)
+    if case == "ep_zero3":
+        return headers + dense + experts / EP_SIZE
+    if case == "ep_only":
+        return headers + dense / NPROC + experts / EP_SIZE
+    return headers + dense + experts if rank == 0 else headers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rank side: /proc readings, page-cache residency, read counting
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+PAGE = mmap.PAGESIZE
+
+
+def resident_pages(path: str) -> bytes:
+    """mincore() of a fresh read-only mapping of `path`: one byte per page, bit 0 set if the page is cached.
+    Mapping a file reads nothing, so this does not change what it measures."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            vec = (ctypes.c_ubyte * ((size + PAGE - 1) // PAGE))()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            return bytes(vec)
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def residency(layout: dict, own: set[int]) -> dict:
+    """Cached bytes of this rank's checkpoint copy, split into headers/dense, own experts and other experts."""
+    out = {"total": 0, "dense": 0, "own_experts": 0, "other_experts": 0}
+    for path, info in layout.items():
+        vec = resident_pages(path)
+        out["total"] += min(sum(b & 1 for b in vec) * PAGE, info["size"])
+        for key, (start, end) in [("__header__", (0, info["header"]))] + list(info["tensors"].items()):
+            if end <= start:
+                continue
+            # count whole pages overlapping the tensor, weighted by the overlap (pages are shared at the edges)
+            cached = 0
+            for page in range(start // PAGE, (end - 1) // PAGE + 1):
+                if vec[page] & 1:
+                    cached += min(end, (page + 1) * PAGE) - max(start, page * PAGE)
+            expert = expert_of(key)
+            bucket = "dense" if expert is None else ("own_experts" if expert in own else "other_experts")
+            out[bucket] += cached
+    return out
+
+
+def evict(layout: dict) -> None:
+    for path in layout:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def proc_read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def release_free_memory() -> None:
+    """Give the heap that earlier loads freed back to the OS, so that each load starts from about the same RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class ReadCounter:
+    """Wraps `safe_open` where transformers looks it up, and counts the elements of every tensor that is sliced or
+    fetched out of the checkpoint, per key."""
+
+    def __init__(self):
+        self.elements: dict[str, int] = {}
+
+    def install(self):
+        import transformers.modeling_utils as modeling_utils
+
+        original = modeling_utils.safe_open
+        counter = self
+
+        class CountingSlice:
+            def __init__(self, inner, key):
+                self._inner, self._key = inner, key
+
+            def __getitem__(self, index):
+                tensor = self._inner[index]
+                counter.add(self._key, tensor.numel())
+                return tensor
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        class CountingHandle:
+            def __init__(self, *args, **kwargs):
+                self._inner = original(*args, **kwargs)
+
+            def __enter__(self):
+                self._inner.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self._inner.__exit__(*exc)
+
+            def get_slice(self, key):
+                return CountingSlice(self._inner.get_slice(key), key)
+
+            def get_tensor(self, key):
+                tensor = self._inner.get_tensor(key)
+                counter.add(key, tensor.numel())
+                return tensor
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+        modeling_utils.safe_open = CountingHandle
+
+    def add(self, key, numel):
+        self.elements[key] = self.elements.get(key, 0) + numel
+
+    def reset(self):
+        self.elements = {}
+
+    def summary(self):
+        per_layer: dict[str, set[int]] = {}
+        expert_elems = 0
+        for key, numel in self.elements.items():
+            expert = expert_of(key)
+            if expert is not None and numel:
+                expert_elems += numel
+                per_layer.setdefault(key.split(".experts.")[0], set()).add(expert)
+        return {
+            "expert_elems_read": expert_elems,
+            "max_experts_read_per_layer": max((len(v) for v in per_layer.values()), default=0),
+            "elems_read": sum(self.elements.values()),
+        }
+
+
+def expert_elements_held(model) -> tuple[int, int]:
+    """(elements of expert params this rank holds, local experts per layer); ZeRO-3 params count their partition."""
+    from torch.distributed.tensor import DTensor
+
+    held, per_layer = 0, 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name:
+            continue
+        if hasattr(param, "ds_tensor"):
+            held += param.ds_tensor.numel()
+        elif isinstance(param, DTensor):
+            held += param.to_local().numel()
+        else:
+            held += param.numel()
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts") and hasattr(module, "num_experts"):
+            per_layer = module.num_experts
+    return held, per_layer
+
+
+def rank_main(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from tests.fork_utils.worker import backend, init_process_group, rank
+
+    launcher, dist_kwargs = CASES[args.case]
+    if launcher == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Registers the DeepSpeed ZeRO-3 config with transformers (keep it alive) and starts the process group.
+        keep_alive = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
+    else:
+        init_process_group()
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    r = rank()
+    path = checkpoint_dir(r)
+    layout = read_layout(path)
+    own = owned_experts(MODEL["num_experts"], r, dist_kwargs.get("ep_size") if dist_kwargs else None)
+    counter = ReadCounter()
+    counter.install()
+    total_expert_elems = MODEL["num_hidden_layers"] * MODEL["num_experts"] * 3 * MODEL["hidden_size"] * MODEL[
+        "moe_intermediate_size"
+    ]
+
+    def load_once(cold: bool) -> dict:
+        gc.collect()
+        release_free_memory()
+        before = {}
+        if cold:
+            evict(layout)
+            before = residency(layout, own)
+        counter.reset()
+        kwargs = {"dtype": torch.float32}
+        if dist_kwargs is not None:
+            kwargs["distributed_config"] = DistributedConfig(**dist_kwargs)
+        dist.barrier()
+        reset_peak_rss()
+        rss_before = proc_status_kb("VmRSS")
+        io_before = proc_read_bytes()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        seconds = time.perf_counter() - start
+        read_bytes = proc_read_bytes() - io_before
+        peak = proc_status_kb("VmHWM")
+        dist.barrier()
+        seconds_barrier = time.perf_counter() - start
+        held, local_experts = expert_elements_held(model)
+        run = {
+            "seconds": seconds,
+            "seconds_barrier": seconds_barrier,
+            "peak_rss_mb": peak * 1024 / MB,
+            "rss_before_mb": rss_before * 1024 / MB,
+            "read_bytes": read_bytes,
+            "expert_elems_held": held,
+            "local_experts_per_layer": local_experts,
+            **counter.summary(),
+        }
+        if cold:
+            run["resident_before"] = before
+            run["resident_after"] = residency(layout, own)
+        del model
+        gc.collect()
+        return run
+
+    # The model's module is imported here, not inside the first (cold) load.
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
+
+    # Cold first: later on, pages the previous model still maps (views into the mmapped checkpoint that something
+    # keeps alive) could not be evicted. Then the warm-up load, then the measured warm loads.
+    cold = load_once(cold=True)
+    warm = [load_once(cold=False) for _ in range(1 + args.runs)][1:]
+    dist.barrier()
+    return {
+        "case": args.case,
+        "rank": r,
+        "zero3": is_deepspeed_zero3_enabled(),
+        "layout_minimum": layout_minimum(layout, args.case, r),
+        "total_expert_elems": total_expert_elems,
+        "num_experts": MODEL["num_experts"],
+        "warm": warm,
+        "cold": cold,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver: launch each case, summarize
+
+
+def median_range(values: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def summarize(results: dict) -> dict:
+    """Per case and rank: the figures of the table; then the ratios against the goals."""
+    rows = []
+    for case, ranks in results.items():
+        for r, rep in sorted(ranks.items()):
+            warm, cold = rep["warm"], rep["cold"]
+            after = cold["resident_after"]
+            all_experts = any(
+                run["expert_elems_read"] >= rep["total_expert_elems"]
+                or run["expert_elems_held"] >= rep["total_expert_elems"]
+                or run["max_experts_read_per_layer"] >= rep["num_experts"]
+                for run in [*warm, cold]
+            )
+            rows.append(
+                {
+                    "case": case,
+                    "rank": r,
+                    "load_s": statistics.median(w["seconds"] for w in warm),
+                    "load_s_range": [min(w["seconds"] for w in warm), max(w["seconds"] for w in warm)],
+                    "load_s_barrier": statistics.median(w["seconds_barrier"] for w in warm),
+                    "peak_rss_mb": statistics.median(w["peak_rss_mb"] for w in warm),
+                    "peak_rss_delta_mb": statistics.median(w["peak_rss_mb"] - w["rss_before_mb"] for w in warm),
+                    "rss_before_mb": statistics.median(w["rss_before_mb"] for w in warm),
+                    "cold_load_s": cold["seconds"],
+                    "cold_peak_rss_mb": cold["peak_rss_mb"],
+                    "cold_read_bytes_mb": cold["read_bytes"] / MB,
+                    "cold_resident_before_mb": cold["resident_before"]["total"] / MB,
+                    "cold_resident_mb": after["total"] / MB,
+                    "cold_resident_dense_mb": after["dense"] / MB,
+                    "cold_resident_own_experts_mb": after["own_experts"] / MB,
+                    "cold_resident_other_experts_mb": after["other_experts"] / MB,
+                    "layout_min_mb": rep["layout_minimum"] / MB,
+                    "cold_ratio": (after["total"] - cold["resident_before"]["total"]) / rep["layout_minimum"],
+                    "expert_elems_read_m": max(run["expert_elems_read"] for run in [*warm, cold]) / 1e6,
+                    "max_experts_read_per_layer": max(run["max_experts_read_per_layer"] for run in [*warm, cold]),
+                    "expert_elems_held_m": warm[0]["expert_elems_held"] / 1e6,
+                    "local_experts_per_layer": warm[0]["local_experts_per_layer"],
+                    "all_experts": all_experts,
+                    "warm_runs": warm,
+                    "cold_run": cold,
+                }
+            )
+    goals = {}
+    by = {(row["case"], row["rank"]): row for row in rows}
+    if "ep_zero3" in results and "ep_only" in results:
+        ratios = [by["ep_zero3", r]["load_s"] / by["ep_only", r]["load_s"] for r in range(NPROC)]
+        slowest = max(by["ep_zero3", r]["load_s_barrier"] for r in range(NPROC)) / max(
+            by["ep_only", r]["load_s_barrier"] for r in range(NPROC)
+        )
+        goals["time_ep_zero3_over_ep_only"] = {
+            "per_rank": ratios, "until_barrier": slowest, "goal": GOAL_TIME_RATIO,
+            "ok": max(ratios) <= GOAL_TIME_RATIO,
+        }
+    for case in ("ep_zero3", "ep_only"):
+        if case in results:
+            ratios = [by[case, r]["cold_ratio"] for r in range(NPROC)]
+            goals[f"cold_bytes_{case}_over_layout_min"] = {
+                "per_rank": ratios, "goal": GOAL_COLD_RATIO, "ok": max(ratios) <= GOAL_COLD_RATIO,
+            }
+            goals[f"no_rank_all_experts_{case}"] = {"ok": not any(by[case, r]["all_experts"] for r in range(NPROC))}
+    return {"rows": rows, "goals": goals}
+
+
+def print_table(summary: dict) -> None:
+    header = (
+        "| case | rank | load s warm (median [min-max]) | +barrier s | peak RSS MB (+over before) | RSS before MB "
+        "| cold load s "
+        "| cold read_bytes MB | cold own copy cached MB (dense / own exp / other exp) | layout min MB | cold / min "
+        "| expert elems read M (max experts/layer) | expert elems held M (local experts/layer) | all experts? |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for row in summary["rows"]:
+        # a rank that only needs the headers (dense ZeRO-3, rank > 0) has no meaningful ratio
+        ratio = f"{row['cold_ratio']:.2f}" if row["layout_min_mb"] >= 1 else "n/a"
+        print(
+            f"| {row['case']} | {row['rank']} | {row['load_s']:.2f} [{row['load_s_range'][0]:.2f}-"
+            f"{row['load_s_range'][1]:.2f}] | {row['load_s_barrier']:.2f} | {row['peak_rss_mb']:.0f} "
+            f"(+{row['peak_rss_delta_mb']:.0f}) | "
+            f"{row['rss_before_mb']:.0f} | {row['cold_load_s']:.2f} | {row['cold_read_bytes_mb']:.1f} | "
+            f"{row['cold_resident_mb']:.1f} ({row['cold_resident_dense_mb']:.1f} / "
+            f"{row['cold_resident_own_experts_mb']:.1f} / {row['cold_resident_other_experts_mb']:.1f}) | "
+            f"{row['layout_min_mb']:.1f} | {ratio} | {row['expert_elems_read_m']:.1f} "
+            f"({row['max_experts_read_per_layer']}) | {row['expert_elems_held_m']:.1f} "
+            f"({row['local_experts_per_layer']}) | {'YES' if row['all_experts'] else 'no'} |"
+        )
+    print()
+    for name, goal in summary["goals"].items():
+        ratios = ", ".join(f"{x:.2f}" for x in goal.get("per_rank", []))
+        extra = f" (slowest rank until barrier: {goal['until_barrier']:.2f})" if "until_barrier" in goal else ""
+        limit = f" <= {goal['goal']}" if "goal" in goal else ""
+        print(f"{'PASS' if goal['ok'] else 'FAIL'} {name}{limit}: {ratios}{extra}")
+
+
+def driver(args) -> int:
+    from tests.fork_utils.launcher import launch
+
+    build_checkpoints()
+    import safetensors
+    import torch
+
+    import transformers
+
+    results, failures = {}, []
+    started = time.monotonic()
+    for case in args.cases:
+        launcher, _ = CASES[case]
+        print(f"== {case}: {launcher}, {NPROC} ranks, timeout {args.timeout} s", flush=True)
+        outcome = launch(
+            Path(__file__), ["--rank-side", "--case", case, "--runs", str(args.runs)], nproc=NPROC,
+            launcher=launcher, timeout=args.timeout,
+            accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
+        )
+        if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
+            failures.append(case)
+            print(outcome.report(), flush=True)
+            continue
+        print(f"   done in {outcome.elapsed:.0f} s", flush=True)
+        results[case] = outcome.results()
+    if not results:
+        return 1
+    summary = summarize(results)
+    print()
+    print_table(summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"load_ep_zero3-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    environment = {
+        "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+        "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
+        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)),
+    }
+    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, "failed_cases": failures,
+               "elapsed_s": time.monotonic() - started, **summary}
+    out.write_text(json.dumps(payload, indent=1, default=float))
+    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
+    if failures:
+        return 1
+    return 2 if args.strict and not all(goal["ok"] for goal in summary["goals"].values()) else 0
+
+
+def read_ahead_kb(path: Path) -> int | None:
+    """read_ahead_kb of the block device that holds `path` (None when it cannot be told)."""
+    try:
+        dev = os.stat(path).st_dev
+        block = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+        for candidate in (block, block.parent):
+            ra = candidate / "queue" / "read_ahead_kb"
+            if ra.exists():
+                return int(ra.read_text())
+    except OSError:
+        pass
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--runs", type=int, default=3, help="warm loads measured after the warm-up load")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per launched case")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: benchmarks/results/load_ep_zero3-<time>.json)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
+    parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_side:
+        from tests.fork_utils.worker import run_rank
+
+        run_rank(lambda: rank_main(args))
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
