@@ -54,6 +54,7 @@ class EPZero3LoadTest(unittest.TestCase):
             "qwen3_moe_fused": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe_fused", seed=13, fused_layout=True).path,
             "qwen3_moe_8": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe_8", seed=14, num_experts=8).path,
             "llama": make_checkpoint("llama", cls.tmp / "llama", seed=15).path,
+            "qwen3_moe_3": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe_3", seed=16, num_experts=3).path,
         }
 
     @classmethod
@@ -171,6 +172,17 @@ class EPZero3LoadTest(unittest.TestCase):
             self.assert_rank_holds_its_shard(report, reference, ep_size=2)
             self.assertEqual(report["local_num_experts"], [4])
         self.assert_forward_matches_single_process(results, self.checkpoints["qwen3_moe_8"])
+
+    @parameterized.expand([("experts_not_divisible", "qwen3_moe_3", "3"), ("model_without_ep_plan", "llama", "")])
+    def test_impossible_expert_parallelism_raises_on_every_rank(self, _name, checkpoint, message):
+        """Every rank either holds its correct shard or raises: never a silently wrong or unsharded model."""
+        result = self.launch_load(checkpoint, "--ep-size", "2")
+        self.assertFalse(result.ok)
+        self.assertFalse(result.timed_out, "a rank hung instead of raising")
+        self.assertLess(result.elapsed, 60)
+        for rank in (0, 1):
+            self.assertIsNotNone(result.ranks[rank].error, f"rank {rank} did not raise:\n{result.report()}")
+            self.assertIn(message, result.ranks[rank].error.splitlines()[-1])
 
     def test_dense_model_keeps_the_zero3_path(self):
         results = self.launch_load("llama", "--no-distributed-config").check().results()

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .worker import BACKEND_ENV, RESULTS_ENV
+from .worker import BACKEND_ENV, FAILURE_GRACE_ENV, RESULTS_ENV
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -181,6 +181,8 @@ def launch(
         }
     )
     child_env.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
+    # Let the other ranks reach (and report) an error that every rank must raise before torchrun ends them all.
+    child_env.setdefault(FAILURE_GRACE_ENV, "8")
     # Ranks share the 2 cores of the CI machine; one thread each keeps them from thrashing.
     child_env.setdefault("OMP_NUM_THREADS", "1")
     if backend == "gloo":

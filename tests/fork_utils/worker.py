@@ -5,7 +5,9 @@ A launched script wraps its body with `run_rank(main)`. Each rank then
 - dumps every thread's stack into that log on SIGUSR1, which the launcher sends before killing a job that timed out,
   so a hang says where each rank was stuck;
 - writes `main()`'s return value to `<results>/rank<r>.pt` (torch.save: tensors allowed) for the test to assert on,
-  or the traceback to `<results>/rank<r>.error` and exits non-zero.
+  or the traceback to `<results>/rank<r>.error` and exits non-zero. A failing rank lingers `EPFORK_FAILURE_GRACE_S`
+  seconds first (the launcher sets it): torchrun ends every rank as soon as one exits, and a test of an error that
+  must be raised on every rank needs the slower ranks to get there. A rank stuck in a collective instead never does.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import faulthandler
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 
 RESULTS_ENV = "EPFORK_RESULTS_DIR"
+FAILURE_GRACE_ENV = "EPFORK_FAILURE_GRACE_S"
 BACKEND_ENV = "EPFORK_DIST_BACKEND"
 
 
@@ -107,5 +111,6 @@ def run_rank(main: Callable[[], object]) -> None:
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(float(os.environ.get(FAILURE_GRACE_ENV, "0")))
         # Exit at once: a rank that failed must not sit in atexit handlers or collectives its peers never join.
         os._exit(code or 1)
