@@ -6,7 +6,11 @@ Entry points (``--entry``), the three ways users start DeepSpeed training:
 - ``trainer``: ``Trainer`` with ``TrainingArguments(deepspeed=...)`` created before ``from_pretrained`` (torchrun).
 
 Every rank feeds its own rows and records them, so the test process can rebuild each step's global batch (the ranks'
-rows in rank order) and train a single-process reference on it. Nothing is asserted here: the test compares numbers.
+rows in rank order) and train a single-process reference on it. Step s always gets the same rows, so a run resumed
+from a DeepSpeed checkpoint (``--resume-from``, ``--first-step``) continues on the data of an uninterrupted run.
+Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_model``), ``--save-checkpoint`` (the
+engine's ``save_checkpoint``), ``--fail-save-after-shards N`` (rank 0's N+1-th shard write raises: a save that fails
+midway). Nothing is asserted here: the test compares numbers.
 """
 
 import argparse
@@ -34,18 +38,44 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-expert-family-tag", action="store_true",
                         help="negative control: experts' gradients then get averaged like dense ones")
+    parser.add_argument("--first-step", type=int, default=0, help="the index of the first step (resumed runs)")
+    parser.add_argument("--resume-from", default=None, help="DeepSpeed checkpoint directory to load before training")
+    parser.add_argument("--save-checkpoint", default=None, help="DeepSpeed checkpoint directory to save after training")
+    parser.add_argument("--save-dir", default=None, help="save_pretrained (Trainer.save_model) here after training")
+    parser.add_argument("--max-shard-size", default="50GB")
+    parser.add_argument("--fail-save-after-shards", type=int, default=None)
     return parser.parse_args()
 
 
 def dataset_rows(args, vocab_size: int) -> torch.Tensor:
     """All rows of the run, in the order a non-shuffling sampler deals them out: step by step, rank by rank."""
-    generator = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, vocab_size, (args.steps * world_size() * args.micro_batch, SEQ_LEN), generator=generator)
+    steps = []
+    for step in range(args.first_step, args.first_step + args.steps):
+        generator = torch.Generator().manual_seed(args.seed * 10_000 + step)
+        steps.append(torch.randint(0, vocab_size, (world_size() * args.micro_batch, SEQ_LEN), generator=generator))
+    return torch.cat(steps)
 
 
 def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
     start = (step * world_size() + rank()) * args.micro_batch
     return data[start : start + args.micro_batch]
+
+
+def fail_rank0_shard_writes_after(count: int) -> None:
+    """Make rank 0's safetensors writes raise after `count` shards, as a full disk would."""
+    import safetensors.torch
+
+    if rank() != 0:
+        return
+    real_save_file, written = safetensors.torch.save_file, []
+
+    def save_file(*args, **kwargs):
+        if len(written) >= count:
+            raise OSError(28, "No space left on device (injected by the test after the first shard)")
+        written.append(args[1] if len(args) > 1 else kwargs.get("filename"))
+        return real_save_file(*args, **kwargs)
+
+    safetensors.torch.save_file = save_file
 
 
 def deepspeed_config(args) -> dict:
@@ -131,6 +161,8 @@ def train_deepspeed(args, model, data, record):
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(args, model.parameters()),
                                       config=deepspeed_config(args))
+    if args.resume_from:
+        engine.load_checkpoint(args.resume_from)
     record["initial"] = gathered_state(engine.module)
     for step in range(args.steps):
         input_ids = rows_of(data, args, step)
@@ -140,6 +172,8 @@ def train_deepspeed(args, model, data, record):
         record["inputs"].append(input_ids)
         record["losses"].append(loss.item())
     record["clip"] = engine.gradient_clipping()
+    if args.save_checkpoint:
+        engine.save_checkpoint(args.save_checkpoint)
     return engine.module
 
 
@@ -187,6 +221,8 @@ def train_trainer(args, training_args, model, data, record):
     record["engine"] = type(trainer.model_wrapped).__name__
     record["logged_losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record["clip"] = trainer.model_wrapped.gradient_clipping()
+    if args.save_dir:
+        trainer.save_model(args.save_dir)
     return trainer.model
 
 
@@ -213,11 +249,19 @@ def main():
         module = train_accelerate(args, registered, model, data, record)
     else:
         module = train_trainer(args, registered, model, data, record)
+    final = gathered_state(module)
+    if args.save_dir and args.entry != "trainer":
+        if args.fail_save_after_shards is not None:
+            fail_rank0_shard_writes_after(args.fail_save_after_shards)
+        try:
+            model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
+        except Exception as e:
+            record["save_error"] = f"{type(e).__name__}: {e}"
     record.update(
         rank=rank(),
         world_size=world_size(),
         ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank(),
-        final=gathered_state(module),
+        final=final,
         partition_groups=partition_groups(module),
         inputs=torch.stack(record["inputs"]),
     )

@@ -1,0 +1,122 @@
+"""Saving an expert-parallel model trained under DeepSpeed ZeRO-3, and resuming its training.
+
+`save_pretrained` on every rank (and `Trainer.save_model`) must write one normal checkpoint with every expert: it
+reloads single-process and under EP + ZeRO-3 bit for bit equal to the training state, with the keys and shapes of a
+plain `save_pretrained`. A DeepSpeed checkpoint resumes with the losses of an uninterrupted run. A save that fails
+midway is reported on every rank and leaves the previous checkpoint loadable.
+"""
+
+import json
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import pytest
+import torch
+from parameterized import parameterized
+from safetensors import safe_open
+
+from tests.deepspeed.test_ep_zero3_train import assemble_experts
+from tests.fork_utils.launcher import CONFIG_DIR, launch
+from tests.fork_utils.tiny_models import make_checkpoint
+
+
+TRAIN = Path(__file__).parent / "scripts" / "ep_train.py"
+LOAD = Path(__file__).parent / "scripts" / "ep_load.py"
+TIMEOUT = 180
+
+
+def checkpoint_keys_and_shapes(path: Path) -> dict[str, tuple]:
+    shapes = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+@pytest.mark.multiprocess
+class EPZero3SaveTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-save-"))
+        cls.checkpoints = {
+            "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=41).path,
+            "mixtral": make_checkpoint("mixtral", cls.tmp / "mixtral", seed=42).path,
+        }
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def train(self, checkpoint, *extra, entry="deepspeed", steps=3):
+        args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", 2, "--steps", steps,
+                "--optimizer", "adamw", "--lr", "1e-3", *extra]
+        return launch(TRAIN, args, nproc=2, timeout=TIMEOUT)
+
+    def assert_checkpoint_holds(self, saved: Path, expected: dict, family_checkpoint: Path):
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads((saved / "config.json").read_text())
+        self.assertNotIn("distributed_config", config)
+        self.assertEqual(checkpoint_keys_and_shapes(saved), checkpoint_keys_and_shapes(family_checkpoint),
+                         "keys and shapes must be those of a plain single-process save_pretrained")
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+        self.assertEqual(set(reloaded), set(expected))
+        for name, tensor in expected.items():
+            self.assertTrue(torch.equal(reloaded[name], tensor), f"{name} differs from the training state")
+
+    @parameterized.expand([("qwen3_moe", "50GB"), ("mixtral", "20KB")])
+    def test_round_trip_after_training(self, checkpoint, max_shard_size):
+        saved = self.tmp / f"saved-{checkpoint}"
+        results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size).check().results()
+        self.assertFalse([r.get("save_error") for r in results.values() if r.get("save_error")])
+        trained = assemble_experts(results, "final", ep_size=2)
+        self.assertNotEqual(max(abs(trained[k] - v).max().item() for k, v in
+                                assemble_experts(results, "initial", ep_size=2).items()), 0.0, "training did nothing")
+        if max_shard_size != "50GB":
+            self.assertGreater(len(list(saved.glob("*.safetensors"))), 1, "max_shard_size must be honoured")
+            self.assertTrue((saved / "model.safetensors.index.json").is_file())
+        # Single process: every tensor equals the gathered training state, bit for bit.
+        self.assert_checkpoint_holds(saved, trained, self.checkpoints[checkpoint])
+        # EP + ZeRO-3 again: each rank's shard equals its slice of the training state.
+        reloaded = launch(LOAD, ["--mode", "accelerate", "--checkpoint", saved, "--ep-size", 2], nproc=2,
+                          launcher="accelerate", accelerate_config=CONFIG_DIR / "accelerate_deepspeed_zero3.yaml",
+                          timeout=TIMEOUT).check().results()
+        for rank, report in reloaded.items():
+            for name, entry in report["params"].items():
+                want = trained[name]
+                if ".experts." in name:
+                    want = want.chunk(2)[rank]
+                self.assertTrue(torch.equal(entry["local"], want), f"rank {rank}: {name}")
+
+    def test_trainer_save_model_writes_every_expert(self):
+        saved = self.tmp / "saved-by-trainer"
+        results = self.train("qwen3_moe", "--save-dir", saved, entry="trainer").check().results()
+        self.assert_checkpoint_holds(saved, assemble_experts(results, "final", ep_size=2), self.checkpoints["qwen3_moe"])
+
+    def test_resume_from_deepspeed_checkpoint_continues_identically(self):
+        straight = self.train("qwen3_moe", steps=6).check().results()
+        ds_checkpoint = self.tmp / "ds-checkpoint"
+        self.train("qwen3_moe", "--save-checkpoint", ds_checkpoint, steps=3).check()
+        resumed = self.train("qwen3_moe", "--resume-from", ds_checkpoint, "--first-step", 3, steps=3).check().results()
+        for rank in (0, 1):
+            self.assertEqual(resumed[rank]["losses"], straight[rank]["losses"][3:], f"rank {rank}")
+            for name, tensor in straight[rank]["final"].items():
+                self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
+
+    def test_failed_save_is_reported_on_every_rank_and_keeps_the_previous_checkpoint(self):
+        saved = self.tmp / "saved-then-failed"
+        first = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=1).check().results()
+        before = {p.name: p.read_bytes() for p in saved.iterdir()}
+        result = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", "--fail-save-after-shards", 1,
+                            steps=2)
+        self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
+        self.assertLess(result.elapsed, TIMEOUT / 2)
+        for rank, report in result.results().items():
+            self.assertIn("save_error", report, f"rank {rank} did not see the failed save")
+        self.assertIn("No space left on device", result.results()[0]["save_error"])
+        # The previous checkpoint is untouched, and nothing half-written sits at (or next to) the target.
+        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
+        self.assertEqual(sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}")), [])
+        self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
