@@ -10,6 +10,7 @@ prints, per rank, which experts it holds and, given `--reference` (the model's s
 the demo writes it), whether they equal the checkpoint's tensors. With `--train_steps N` it then trains N AdamW steps
 through `accelerator.prepare` (DeepSpeed ZeRO-3 engine), each rank on its own batch, and prints the loss per step;
 `--record FILE` writes the losses and each step's global batch (all ranks' rows) as JSON, for a reference run.
+With `--save_dir DIR` every rank then calls `save_pretrained(DIR)`: one normal checkpoint with every expert.
 """
 
 import argparse
@@ -34,6 +35,7 @@ def parse_args():
     parser.add_argument("--seq_len", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--record", default=None, help="rank 0 writes the losses and global batches here (JSON)")
+    parser.add_argument("--save_dir", default=None, help="save_pretrained here at the end (called on every rank)")
     return parser.parse_args()
 
 
@@ -110,6 +112,12 @@ def main():
         raise SystemExit(f"rank {rank}: expert tensors differ from the checkpoint")
     if args.train_steps:
         train(args, accelerator, model)
+    if args.save_dir:
+        # On every rank: experts are gathered across the expert-parallel group, one tensor at a time, and rank 0
+        # writes a standard checkpoint (original key layout, no distributed_config), atomically.
+        model.save_pretrained(args.save_dir)
+        if accelerator.is_main_process:
+            print(f"[rank 0] saved the trained model to {args.save_dir}", flush=True)
     accelerator.wait_for_everyone()
 
 

@@ -4,7 +4,8 @@
 
 It saves a tiny random Qwen3-MoE checkpoint, runs `ep_zero3.py` on 2 ranks with `accelerate launch` and the DeepSpeed
 ZeRO-3 config of docs/configs under a hard timeout (load: each rank its experts; then a few training steps, each rank
-its own batch), and trains a single process on the same global batches to print its losses next to them.
+its own batch, then `save_pretrained` on every rank), trains a single process on the same global batches to print its
+losses next to them, and reloads the saved checkpoint in one process to compare it with that reference's weights.
 """
 
 import argparse
@@ -38,7 +39,7 @@ def make_tiny_moe(path: Path, reference: Path) -> None:
     print(f"demo: saved a tiny Qwen3-MoE ({config.num_experts} experts, {config.num_hidden_layers} layers) to {path}")
 
 
-def single_process_losses(model_path: Path, record: dict, learning_rate: float) -> list[float]:
+def single_process_training(model_path: Path, record: dict, learning_rate: float):
     """The reference: one process, the whole global batch of each step, the same AdamW and gradient clipping."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.train()
@@ -53,7 +54,21 @@ def single_process_losses(model_path: Path, record: dict, learning_rate: float) 
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
+    return losses, model.state_dict()
+
+
+def compare_saved_checkpoint(saved: Path, reference_weights: dict) -> bool:
+    """Reload the checkpoint the 2 ranks saved, in one process, and compare it with the reference's weights."""
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+    diff = max((reloaded[k] - v).abs().max().item() for k, v in reference_weights.items())
+    experts = sum(v.shape[0] for k, v in reloaded.items() if k.endswith("experts.gate_up_proj"))
+    # AdamW turns fp32 rounding into ~1e-6 differences; a missing or stale expert is off by whole updates (~1e-3).
+    ok = set(reloaded) == set(reference_weights) and diff < 1e-4
+    print(
+        f"demo: reloaded the saved checkpoint in one process ({experts} experts over all layers): weights "
+        f"{'match' if ok else 'DIFFER FROM'} the single-process reference (max abs diff {diff:.1e})"
+    )
+    return ok
 
 
 def print_loss_table(record: dict, reference: list[float]) -> float:
@@ -83,7 +98,7 @@ def main():
             "--num_processes", str(args.nproc), str(Path(__file__).with_name("ep_zero3.py")),
             "--model_path", str(model_path), "--ep_size", str(args.nproc), "--reference", str(reference),
             "--train_steps", str(args.train_steps), "--learning_rate", str(args.learning_rate),
-            "--record", str(Path(workdir) / "record.json"),
+            "--record", str(Path(workdir) / "record.json"), "--save_dir", str(Path(workdir) / "trained"),
         ]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         if not torch.cuda.is_available():
@@ -97,11 +112,12 @@ def main():
             sys.exit(proc.returncode)
         if args.train_steps:
             record = json.loads((Path(workdir) / "record.json").read_text())
-            reference = single_process_losses(model_path, record, args.learning_rate)
+            reference, reference_weights = single_process_training(model_path, record, args.learning_rate)
             worst = print_loss_table(record, reference)
             verdict = "match" if worst <= 1e-5 else "DIFFER"
             print(f"demo: training losses {verdict} the single-process reference (max relative diff {worst:.1e})")
-            if worst > 1e-5:
+            saved_ok = compare_saved_checkpoint(Path(workdir) / "trained", reference_weights)
+            if worst > 1e-5 or not saved_ok:
                 sys.exit(1)
 
 

@@ -25,3 +25,4 @@ class DemoTest(unittest.TestCase):
         self.assertNotIn("MISMATCH", output)
         self.assertEqual(len(re.findall(r"(?m)^demo: +\d+ \|", output)), 5, "one loss line per training step")
         self.assertIn("demo: training losses match the single-process reference", output)
+        self.assertIn("weights match the single-process reference", output)
