@@ -2,8 +2,8 @@
 
 Every rank feeds its own batch. After `deepspeed.initialize` (directly, through `accelerate`, through `Trainer`) each
 rank must still hold its experts; K steps must give the single-process reference's losses (relative 1e-5) and
-weights: SGD within 1e-6; AdamW within the noise floor measured here (the reference rerun with its batch summed in
-another order), far below one update. Expert gradients are reduced only within the expert-data-parallel group: the
+weights: SGD within 1e-6; AdamW within 10x the noise floor measured here (the reference rerun with its batch summed in
+another order) or lr/100, far below one update (~lr). Expert gradients are reduced only within the expert-data-parallel group: the
 partition groups say so, and a run without the expert tag, whose expert gradients DeepSpeed then averages like dense
 ones, lands off the reference.
 """
@@ -124,7 +124,9 @@ class EPZero3TrainTest(unittest.TestCase):
         else:
             _, reordered = train_reference(self.checkpoints[checkpoint], global_batches, optimizer, lr, clip, chunks=nproc)
             floor, _ = max_diff(reordered, ref_weights)
-            self.assertLessEqual(diff, max(4 * floor, 1e-6), f"final weights off by {diff} at {worst}; floor {floor}")
+            # The floor itself moves with the summation order (threads, ranks): ~5e-6 to 4e-5 here. A stale or
+            # misplaced expert is off by whole Adam updates (~lr each step), orders of magnitude more.
+            self.assertLessEqual(diff, max(10 * floor, lr / 100), f"final weights off by {diff} at {worst}; floor {floor}")
             self.assertLess(diff, lr / 10, "off by a whole update: a stale or misplaced expert")
         return mean_losses, ref_losses
 
