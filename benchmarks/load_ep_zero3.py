@@ -81,6 +81,8 @@ EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 # The checkpoint: built once, one copy per rank
 
 
+from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+
 def checkpoint_dir(rank: int) -> Path:
     return CACHE / CHECKPOINT_NAME / f"rank{rank}"
 
@@ -219,13 +221,6 @@ def proc_read_bytes() -> int:
                 return int(line.split()[1])
     return 0
 
-
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def release_free_memory() -> None:

@@ -92,6 +92,8 @@ MiB = 2**20
 # Shared by both sides
 
 
+from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+
 def deepspeed_config(variant: str) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
@@ -146,13 +148,6 @@ def ideal_state(counts: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Rank side
 
-
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def rank_rows(step: int, rank: int, world: int, vocab: int):
