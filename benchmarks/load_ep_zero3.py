@@ -45,6 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+
 CACHE = REPO_ROOT / ".cache" / "bench"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 ACCELERATE_ZERO3 = REPO_ROOT / "docs" / "configs" / "accelerate_deepspeed_zero3.yaml"
@@ -80,8 +82,6 @@ EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 # ---------------------------------------------------------------------------------------------------------------------
 # The checkpoint: built once, one copy per rank
 
-
-from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
 
 def checkpoint_dir(rank: int) -> Path:
     return CACHE / CHECKPOINT_NAME / f"rank{rank}"

@@ -51,6 +51,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+
 CACHE = REPO_ROOT / ".cache" / "bench"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 NPROC = 2
@@ -91,8 +93,6 @@ MiB = 2**20
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared by both sides
 
-
-from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
 
 def deepspeed_config(variant: str) -> dict:
     config = {
