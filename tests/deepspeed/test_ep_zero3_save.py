@@ -120,3 +120,46 @@ class EPZero3SaveTest(unittest.TestCase):
         self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
         self.assertEqual(sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}")), [])
         self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
+
+    def test_trainer_checkpoints_and_resumes_identically(self):
+        output_dir = self.tmp / "trainer-run"
+        straight = self.train("qwen3_moe", "--save-steps", 3, "--output-dir", output_dir, entry="trainer",
+                              steps=6).check().results()
+        checkpoint = output_dir / "checkpoint-3"
+        # Every Trainer checkpoint holds the model as a normal checkpoint and DeepSpeed's state (optimizer included).
+        self.assertTrue((checkpoint / "config.json").is_file())
+        self.assertTrue(list(checkpoint.glob("global_step3/*optim_states.pt")), sorted(checkpoint.rglob("*")))
+        self.assertEqual(checkpoint_keys_and_shapes(checkpoint),
+                         checkpoint_keys_and_shapes(self.checkpoints["qwen3_moe"]))
+        # New processes resume from step 3 of the 6 and continue as the uninterrupted run did.
+        resumed = self.train("qwen3_moe", "--resume-from", checkpoint, "--output-dir", self.tmp / "trainer-resumed",
+                             entry="trainer", steps=6).check().results()
+        for rank in (0, 1):
+            self.assertEqual(len(resumed[rank]["losses"]), 3, f"rank {rank} did not skip the 3 trained steps")
+            self.assertTrue(torch.equal(resumed[rank]["inputs"], straight[rank]["inputs"][3:]), f"rank {rank}: data")
+            self.assertEqual(resumed[rank]["losses"], straight[rank]["losses"][3:], f"rank {rank}")
+            for name, tensor in straight[rank]["final"].items():
+                self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
+
+    def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self):
+        saved = self.tmp / "saved-then-killed"
+        first = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=1).check().results()
+        before = {p.name: p.read_bytes() for p in saved.iterdir()}
+        killed = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", "--kill-save-after-shards", 1,
+                            steps=2)
+        self.assertFalse(killed.ok)
+        self.assertFalse(killed.timed_out, killed.report())
+        self.assertLess(killed.elapsed, TIMEOUT / 2)
+        self.assertEqual(killed.stragglers, [])
+        self.assertIn("Signal 9 (SIGKILL) received by PID", killed.output)
+        # The previous checkpoint is untouched and loads; the killed save's hidden directory does not load.
+        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
+        self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
+        leftovers = [p for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}.tmp-")]
+        self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden sibling directory")
+        self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
+        self.assertFalse((leftovers[0] / "config.json").exists())
+        # The next save replaces the checkpoint and removes what the killed one left.
+        second = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=2).check().results()
+        self.assertFalse(leftovers[0].exists(), "the next save left the killed save's directory behind")
+        self.assert_checkpoint_holds(saved, assemble_experts(second, "final", ep_size=2), self.checkpoints["mixtral"])

@@ -72,6 +72,8 @@ class LaunchResult:
     output: str
     ranks: dict[int, RankOutcome] = field(default_factory=dict)
     leftover_pids: list[int] = field(default_factory=list)
+    # Processes of the job still running a few seconds after the launcher exited on its own (then killed).
+    stragglers: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -121,6 +123,14 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _stragglers(tag: str, grace: float = 3.0) -> list[int]:
+    """The job's processes still alive `grace` seconds after its launcher exited."""
+    deadline = time.monotonic() + grace
+    while (pids := _tagged_pids(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pids
 
 
 def kill_job(tag: str, grace: float = 5.0) -> list[int]:
@@ -201,8 +211,10 @@ def launch(
             cwd=str(REPO_ROOT), start_new_session=True,
         )
         timed_out = False
+        stragglers = []
         try:
             returncode = proc.wait(timeout=timeout)
+            stragglers = _stragglers(tag)
         except subprocess.TimeoutExpired:
             timed_out = True
             # Ask every rank where it is stuck (worker.run_rank dumps stacks into its log), then kill them all.
@@ -225,6 +237,7 @@ def launch(
         timeout=timeout,
         output=output_path.read_text(encoding="utf-8", errors="replace"),
         leftover_pids=leftover,
+        stragglers=stragglers,
     )
     outcome.ranks = _collect_ranks(results)
     return outcome

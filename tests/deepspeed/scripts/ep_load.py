@@ -12,6 +12,8 @@ reported with numbers rather than as a crash.
 
 import argparse
 import json
+import os
+import signal
 import time
 
 import torch
@@ -30,6 +32,10 @@ def parse_args():
     parser.add_argument("--no-distributed-config", action="store_true", help="a dense ZeRO-3 load")
     parser.add_argument("--forward", action="store_true", help="run a forward pass on a batch of this rank's own")
     parser.add_argument("--save-config", default=None, help="rank 0 saves the loaded model's config here")
+    parser.add_argument("--tp-size", type=int, default=None)
+    parser.add_argument("--pp-size", type=int, default=None)
+    parser.add_argument("--die-while-loading", action="store_true",
+                        help="rank 1 is killed (SIGKILL) when it opens its first checkpoint file")
     return parser.parse_args()
 
 
@@ -51,6 +57,21 @@ def register_deepspeed(mode):
             {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
         )
     return None
+
+
+def kill_rank1_when_it_opens_a_checkpoint_file():
+    """A rank that dies in the middle of `from_pretrained` (out of memory, a node lost), after the mesh exists."""
+    import transformers.modeling_utils
+
+    if rank() != 1:
+        return
+    real_safe_open = transformers.modeling_utils.safe_open
+
+    def safe_open(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+        return real_safe_open(*args, **kwargs)
+
+    transformers.modeling_utils.safe_open = safe_open
 
 
 def local_tensor(param):
@@ -94,10 +115,13 @@ def main():
     kwargs = {"dtype": torch.float32}
     if not args.no_distributed_config:
         config_kwargs = {"enable_expert_parallel": True} if args.enable_expert_parallel else {"ep_size": args.ep_size}
-        if args.fsdp_size is not None:
-            config_kwargs["fsdp_size"] = args.fsdp_size
+        for name in ("fsdp_size", "tp_size", "pp_size"):
+            if getattr(args, name) is not None:
+                config_kwargs[name] = getattr(args, name)
         kwargs["distributed_config"] = DistributedConfig(**config_kwargs)
 
+    if args.die_while_loading:
+        kill_rank1_when_it_opens_a_checkpoint_file()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs)
     load_seconds = time.perf_counter() - start

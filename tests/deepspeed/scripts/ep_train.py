@@ -10,12 +10,15 @@ rows in rank order) and train a single-process reference on it. Step s always ge
 from a DeepSpeed checkpoint (``--resume-from``, ``--first-step``) continues on the data of an uninterrupted run.
 Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_model``), ``--save-checkpoint`` (the
 engine's ``save_checkpoint``), ``--fail-save-after-shards N`` (rank 0's N+1-th shard write raises: a save that fails
-midway). Nothing is asserted here: the test compares numbers.
+midway), ``--kill-save-after-shards N`` (rank 0 is killed there). With the Trainer, ``--save-steps`` checkpoints into
+``--output-dir`` and ``--resume-from`` is its ``resume_from_checkpoint``. Nothing is asserted here: the test compares
+numbers.
 """
 
 import argparse
 import json
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -39,11 +42,16 @@ def parse_args():
     parser.add_argument("--drop-expert-family-tag", action="store_true",
                         help="negative control: experts' gradients then get averaged like dense ones")
     parser.add_argument("--first-step", type=int, default=0, help="the index of the first step (resumed runs)")
-    parser.add_argument("--resume-from", default=None, help="DeepSpeed checkpoint directory to load before training")
+    parser.add_argument("--resume-from", default=None,
+                        help="DeepSpeed checkpoint directory to load before training (Trainer: a checkpoint-N)")
     parser.add_argument("--save-checkpoint", default=None, help="DeepSpeed checkpoint directory to save after training")
     parser.add_argument("--save-dir", default=None, help="save_pretrained (Trainer.save_model) here after training")
+    parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
+    parser.add_argument("--output-dir", default=None, help="Trainer: output_dir (default: the rank results dir)")
     parser.add_argument("--max-shard-size", default="50GB")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
+    parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
+    parser.add_argument("--die-at-step", type=int, default=None, help="rank 1 is SIGKILLed before this step")
     return parser.parse_args()
 
 
@@ -61,8 +69,8 @@ def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
     return data[start : start + args.micro_batch]
 
 
-def fail_rank0_shard_writes_after(count: int) -> None:
-    """Make rank 0's safetensors writes raise after `count` shards, as a full disk would."""
+def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
+    """Make rank 0's safetensors writes raise after `count` shards, as a full disk would, or kill rank 0 there."""
     import safetensors.torch
 
     if rank() != 0:
@@ -70,6 +78,8 @@ def fail_rank0_shard_writes_after(count: int) -> None:
     real_save_file, written = safetensors.torch.save_file, []
 
     def save_file(*args, **kwargs):
+        if len(written) >= count and kill:
+            os.kill(os.getpid(), signal.SIGKILL)
         if len(written) >= count:
             raise OSError(28, "No space left on device (injected by the test after the first shard)")
         written.append(args[1] if len(args) > 1 else kwargs.get("filename"))
@@ -134,7 +144,7 @@ def register_deepspeed(args):
         config = deepspeed_config(args)
         config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
         return TrainingArguments(
-            output_dir=os.environ.get("EPFORK_RESULTS_DIR", ".") + "/trainer",
+            output_dir=args.output_dir or os.environ.get("EPFORK_RESULTS_DIR", ".") + "/trainer",
             deepspeed=config,
             per_device_train_batch_size=args.micro_batch,
             max_steps=args.steps,
@@ -144,7 +154,8 @@ def register_deepspeed(args):
             optim="sgd" if args.optimizer == "sgd" else "adamw_torch",
             max_grad_norm=0.0,
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="steps" if args.save_steps else "no",
+            save_steps=args.save_steps or 500,
             report_to="none",
             disable_tqdm=True,
             seed=args.seed,
@@ -165,6 +176,8 @@ def train_deepspeed(args, model, data, record):
         engine.load_checkpoint(args.resume_from)
     record["initial"] = gathered_state(engine.module)
     for step in range(args.steps):
+        if step == args.die_at_step and rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
         input_ids = rows_of(data, args, step)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         engine.backward(loss)
@@ -217,7 +230,7 @@ def train_trainer(args, training_args, model, data, record):
             return loss
 
     trainer = RecordingTrainer(model=model, args=training_args, train_dataset=Rows())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from)
     record["engine"] = type(trainer.model_wrapped).__name__
     record["logged_losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record["clip"] = trainer.model_wrapped.gradient_clipping()
@@ -253,6 +266,8 @@ def main():
     if args.save_dir and args.entry != "trainer":
         if args.fail_save_after_shards is not None:
             fail_rank0_shard_writes_after(args.fail_save_after_shards)
+        if args.kill_save_after_shards is not None:
+            fail_rank0_shard_writes_after(args.kill_save_after_shards, kill=True)
         try:
             model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
         except Exception as e:
