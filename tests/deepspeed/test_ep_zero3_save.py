@@ -66,10 +66,14 @@ class EPZero3SaveTest(unittest.TestCase):
         for name, tensor in expected.items():
             self.assertTrue(torch.equal(reloaded[name], tensor), f"{name} differs from the training state")
 
-    @parameterized.expand([("qwen3_moe", "50GB"), ("mixtral", "20KB")])
-    def test_round_trip_after_training(self, checkpoint, max_shard_size):
-        saved = self.tmp / f"saved-{checkpoint}"
-        results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size).check().results()
+    @parameterized.expand([("qwen3_moe", "50GB", False), ("mixtral", "20KB", False), ("mixtral", "20KB", True)])
+    def test_round_trip_after_training(self, checkpoint, max_shard_size, whole_shards):
+        """Each tensor is written as soon as it is gathered, or (`whole_shards`, for conversions that need several
+        tensors at once) each shard is collected and converted whole."""
+        saved = self.tmp / f"saved-{checkpoint}-{max_shard_size}-{whole_shards}"
+        extra = ["--convert-whole-shards"] if whole_shards else []
+        results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size, *extra)
+        results = results.check().results()
         self.assertFalse([r.get("save_error") for r in results.values() if r.get("save_error")])
         trained = assemble_experts(results, "final", ep_size=2)
         self.assertNotEqual(max(abs(trained[k] - v).max().item() for k, v in

@@ -52,6 +52,8 @@ def parse_args():
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
     parser.add_argument("--die-at-step", type=int, default=None, help="rank 1 is SIGKILLed before this step")
+    parser.add_argument("--convert-whole-shards", action="store_true",
+                        help="save as when a conversion needs several tensors at once: each shard collected whole")
     return parser.parse_args()
 
 
@@ -70,22 +72,23 @@ def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
 
 
 def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
-    """Make rank 0's safetensors writes raise after `count` shards, as a full disk would, or kill rank 0 there."""
-    import safetensors.torch
+    """Make rank 0's shard writes raise after `count` shards, as a full disk would, or kill rank 0 there."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
     if rank() != 0:
         return
-    real_save_file, written = safetensors.torch.save_file, []
+    shard_file, started = hf_deepspeed._StreamedSafetensorsFile, []
 
-    def save_file(*args, **kwargs):
-        if len(written) >= count and kill:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if len(written) >= count:
-            raise OSError(28, "No space left on device (injected by the test after the first shard)")
-        written.append(args[1] if len(args) > 1 else kwargs.get("filename"))
-        return real_save_file(*args, **kwargs)
+    class FailingShardFile(shard_file):
+        def __init__(self, path, *args, **kwargs):
+            if len(started) >= count and kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if len(started) >= count:
+                raise OSError(28, "No space left on device (injected by the test after the first shard)")
+            started.append(path)
+            super().__init__(path, *args, **kwargs)
 
-    safetensors.torch.save_file = save_file
+    hf_deepspeed._StreamedSafetensorsFile = FailingShardFile
 
 
 def deepspeed_config(args) -> dict:
@@ -268,6 +271,10 @@ def main():
             fail_rank0_shard_writes_after(args.fail_save_after_shards)
         if args.kill_save_after_shards is not None:
             fail_rank0_shard_writes_after(args.kill_save_after_shards, kill=True)
+        if args.convert_whole_shards:
+            from transformers.integrations import deepspeed as hf_deepspeed
+
+            hf_deepspeed._plan_streamed_shard = lambda *args: None
         try:
             model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
         except Exception as e:
