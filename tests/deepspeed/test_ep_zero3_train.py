@@ -150,6 +150,13 @@ class EPZero3TrainTest(unittest.TestCase):
         self.compare_with_reference("qwen3_moe_8", results, optimizer, ep_size=2)
         self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
 
+    @parameterized.expand([("optimizer", ["optimizer"]), ("optimizer_and_params", ["optimizer", "param"])])
+    def test_zero3_offload_matches_single_process(self, _name, offload):
+        results = self.run_training("qwen3_moe", "deepspeed", "adamw", extra=["--offload", *offload])
+        self.assertEqual(results[0]["offloaded"], sorted(offload), "DeepSpeed did not offload: the test proves nothing")
+        self.compare_with_reference("qwen3_moe", results, "adamw", ep_size=2)
+        self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
     def test_accelerate_prepare_matches_single_process(self):
         results = self.run_training("mixtral", "accelerate", "adamw")
         self.compare_with_reference("mixtral", results, "adamw", ep_size=2)

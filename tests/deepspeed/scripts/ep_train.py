@@ -52,6 +52,8 @@ def parse_args():
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
     parser.add_argument("--die-at-step", type=int, default=None, help="rank 1 is SIGKILLed before this step")
+    parser.add_argument("--offload", choices=["optimizer", "param"], nargs="*", default=[],
+                        help="ZeRO-3 offload of the optimizer state and/or the parameters to CPU")
     parser.add_argument("--convert-whole-shards", action="store_true",
                         help="save as when a conversion needs several tensors at once: each shard collected whole")
     return parser.parse_args()
@@ -92,11 +94,16 @@ def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
 
 
 def deepspeed_config(args) -> dict:
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    for what in args.offload:
+        zero[f"offload_{what}"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # the torch optimizer as given, not DeepSpeed's CPU Adam (a compiled op), with optimizer offload
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
 
@@ -188,6 +195,8 @@ def train_deepspeed(args, model, data, record):
         record["inputs"].append(input_ids)
         record["losses"].append(loss.item())
     record["clip"] = engine.gradient_clipping()
+    record["offloaded"] = sorted(w for w, on in [("optimizer", engine.zero_offload_optimizer()),
+                                                 ("param", engine.zero_offload_param())] if on)
     if args.save_checkpoint:
         engine.save_checkpoint(args.save_checkpoint)
     return engine.module
