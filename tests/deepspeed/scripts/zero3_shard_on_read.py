@@ -52,7 +52,8 @@ def main():
     shard_logger.addHandler(records)
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, dtype=getattr(torch, args.dtype), output_loading_info=True
+        args.checkpoint, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+        output_loading_info=True,
     )
     params = {}
     for name, param in model.named_parameters():
