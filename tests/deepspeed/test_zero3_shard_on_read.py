@@ -248,11 +248,13 @@ class RangeReaderTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             tensors = {"a": torch.arange(10, dtype=torch.float32), "b": torch.arange(12, dtype=torch.int64).view(3, 4)}
             save_file(tensors, f"{tmp}/x.safetensors")
-            index = read_safetensors_headers([f"{tmp}/x.safetensors"])
-            self.assertEqual(index["b"].shape, (3, 4))
-            self.assertEqual(index["b"].dtype, torch.int64)
             reader = RangeReader()
             try:
+                index = read_safetensors_headers([f"{tmp}/x.safetensors"], reader)
+                self.assertEqual(index["b"].shape, (3, 4))
+                self.assertEqual(index["b"].dtype, torch.int64)
+                data_start = min(entry.offset for entry in index.values())
+                self.assertEqual((reader.header_bytes, reader.ranges), (data_start, []))
                 self.assertTrue(torch.equal(reader.read(index["a"], 5, 10), tensors["a"][5:]))
                 self.assertTrue(torch.equal(reader.read(index["b"], 3, 7), tensors["b"].reshape(-1)[3:7]))
                 self.assertTrue(torch.equal(reader.read(index["b"]).view(3, 4), tensors["b"]))
@@ -264,4 +266,4 @@ class RangeReaderTest(unittest.TestCase):
                 [(a.file, a.offset + 20, a.offset + 40), (b.file, b.offset + 24, b.offset + 56),
                  (b.file, b.offset, b.offset + 96)],
             )
-            self.assertEqual(reader.bytes_read, 20 + 32 + 96)
+            self.assertEqual(reader.bytes_read, data_start + 20 + 32 + 96)
