@@ -92,7 +92,9 @@ class Zero3ShardOnReadTest(unittest.TestCase):
             # save_pretrained writes MoE checkpoints with per-expert keys: the conversion mapping fuses them
             "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=23).path,
             # small shards: the experts fused into one parameter come from several files
-            "mixtral_sharded": make_checkpoint("mixtral", cls.tmp / "mixtral_sharded", seed=24, max_shard_size="20KB").path,
+            "mixtral_sharded": make_checkpoint(
+                "mixtral", cls.tmp / "mixtral_sharded", seed=24, max_shard_size="20KB"
+            ).path,
             "llama_missing": make_checkpoint("llama", cls.tmp / "llama_missing", seed=25).path,
             "llama_bin": make_checkpoint("llama", cls.tmp / "llama_bin", seed=26).path,
         }
