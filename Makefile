@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help install assemble check diff refresh rebase test test-fast demo bench-load bench-save bench-train clean
+.PHONY: help install assemble check diff refresh rebase test test-fast demo bench-load bench-load-dense bench-save \
+	bench-train clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -24,6 +25,7 @@ help:
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
 	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
+	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
 	@echo "make bench-save  2-rank CPU save benchmark: EP + ZeRO-3 save_pretrained vs single process (BENCH_ARGS=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 
@@ -80,6 +82,12 @@ bench-load: install
 bench-save: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/save_ep_zero3.py $(BENCH_ARGS)
+
+# Dense ZeRO-3 load benchmark (benchmarks/load_zero3_dense.py): 477 MB Llama, 2 CPU ranks, shard-on-read vs upstream's
+# ZeRO-3 path vs a load without DeepSpeed, about 1-2 min; JSON in benchmarks/results/.
+bench-load-dense: install
+	$(PATCHQ) assemble --quiet
+	$(PY) benchmarks/load_zero3_dense.py $(BENCH_ARGS)
 
 # Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 3 variants x 3 interleaved repeats, about 4 min;
 # JSON in benchmarks/results/. BENCH_ARGS="--profile" adds a torch.profiler run of EP + ZeRO-3 and AutoEP.

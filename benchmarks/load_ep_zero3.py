@@ -9,7 +9,8 @@ rank. Each case runs on 2 CPU ranks through its real launcher (under a hard time
 
 - `ep_only`:    torchrun, `DistributedConfig(fsdp_size=2, ep_size=2)` (FSDP2 shards the dense weights)
 - `ep_zero3`:   accelerate launch + docs/configs/accelerate_deepspeed_zero3.yaml, `DistributedConfig(ep_size=2)`
-- `dense_zero3`: the same launch without a distributed config: upstream's `zero.Init` path (rank 0 reads everything)
+- `dense_zero3`: the same launch without a distributed config, TRANSFORMERS_ZERO3_SHARD_ON_READ=0: upstream's `zero.Init`
+  path (rank 0 reads everything; this fork's shard-on-read path for dense models is in load_zero3_dense.py)
 
 Per rank, around `from_pretrained` only (imports, process group and DeepSpeed init before, barriers around it):
 - load wall time with a warm page cache: 1 warm-up, then the median [min-max] of `--runs` loads;
@@ -536,6 +537,8 @@ def driver(args) -> int:
             Path(__file__), ["--rank-side", "--case", case, "--runs", str(args.runs)], nproc=NPROC,
             launcher=launcher, timeout=args.timeout,
             accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
+            # upstream's dense path, not this fork's shard-on-read one (benchmarks/load_zero3_dense.py compares them)
+            env={"TRANSFORMERS_ZERO3_SHARD_ON_READ": "0"} if case == "dense_zero3" else None,
         )
         if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
             failures.append(case)

@@ -1,0 +1,372 @@
+"""Load benchmark: dense model under DeepSpeed ZeRO-3, shard-on-read (patch 0014) against upstream's ZeRO-3 path and a
+load without DeepSpeed.
+
+    make bench-load-dense                          # or: .venv/bin/python benchmarks/load_zero3_dense.py [--runs 3]
+
+One LlamaForCausalLM of 477 MB (8 layers, hidden 1024, intermediate 2816, 16 heads, vocab 8000, untied, fp32; 119.2 M
+parameters, 4 safetensors shards of <= 150 MB: the dense checkpoint of the research baseline) is built once under
+`.cache/bench/` and copied once per rank, so each rank reads a copy of its own from disk. Each case runs on 2 CPU
+ranks through its real launcher, under a hard timeout:
+
+- `shard_on_read`: accelerate launch + docs/configs/accelerate_deepspeed_zero3.yaml, no distributed config:
+  `zero.Init`, then every rank fills its own partitions from the files (this fork's path);
+- `upstream_zero3`: the same launch with TRANSFORMERS_ZERO3_SHARD_ON_READ=0: upstream's path, unchanged (rank 0
+  reads the checkpoint, every parameter gathered, copied on rank 0 and re-partitioned);
+- `no_deepspeed`: torchrun, a plain `from_pretrained` on every rank (each rank holds the whole model).
+
+Per rank, around `from_pretrained` only (imports, process group and DeepSpeed init before, barriers around it), the
+method of benchmarks/load_ep_zero3.py: warm load time (1 warm-up, then the median [min-max] of `--runs` loads; the
+"+barrier" time is until the slowest rank is done), peak RSS (VmHWM reset right before the load), and cold bytes from
+disk (the rank's own copy evicted with posix_fadvise(DONTNEED) before one more load; its page-cache residency after
+the load, and /proc/self/io read_bytes over the load). Which path ran is checked on every rank.
+
+Goals (printed as PASS/FAIL, JSON under benchmarks/results/):
+- shard-on-read: every rank reads at most 1.1 x its own partitions plus the files' headers (cold residency);
+- shard-on-read: rank 0's peak RSS within one parameter (the largest, in bytes) of every other rank's;
+- shard-on-read: load time (slowest rank, until the barrier) at most half of upstream's ZeRO-3 path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
+    ACCELERATE_ZERO3,
+    CACHE,
+    MB,
+    RESULTS,
+    evict,
+    proc_read_bytes,
+    read_ahead_kb,
+    read_layout,
+    release_free_memory,
+    reset_peak_rss,
+    residency,
+)
+from proc_stats import proc_status_kb  # noqa: E402
+
+NPROC = 2
+MODEL = dict(
+    num_hidden_layers=8,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=64,
+    vocab_size=8000,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+CHECKPOINT_NAME = "llama-l8-h1024-i2816-v8000-fp32-150MB"
+# case -> (launcher, extra environment, expected load path on the ZeRO-3 cases)
+CASES = {
+    "shard_on_read": ("accelerate", {}, "shard_on_read"),
+    "upstream_zero3": ("accelerate", {"TRANSFORMERS_ZERO3_SHARD_ON_READ": "0"}, "upstream"),
+    "no_deepspeed": ("torchrun", {}, None),
+}
+GOAL_COLD_RATIO = 1.1
+GOAL_TIME_RATIO = 0.5
+
+
+def checkpoint_dir(rank: int) -> Path:
+    return CACHE / CHECKPOINT_NAME / f"rank{rank}"
+
+
+def build_checkpoints() -> None:
+    base = CACHE / CHECKPOINT_NAME
+    if all((checkpoint_dir(r) / ".complete").exists() for r in range(NPROC)):
+        return
+    import torch
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"building the benchmark checkpoint under {base} (once)", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL)).to(torch.float32)
+    staging = base / "staging"
+    model.save_pretrained(staging, max_shard_size="150MB")
+    del model
+    for rank in range(NPROC):
+        shutil.copytree(staging, checkpoint_dir(rank))
+        (checkpoint_dir(rank) / ".complete").touch()
+    shutil.rmtree(staging)
+
+
+def partition_minimum(layout: dict, rank: int, world: int) -> tuple[int, int]:
+    """(headers + this rank's ZeRO-3 partition bytes of every tensor, the largest tensor's bytes)."""
+    import math
+
+    headers = sum(f["header"] for f in layout.values())
+    own, largest = 0, 0
+    for info in layout.values():
+        for start, end in info["tensors"].values():
+            # fp32 here: 4 bytes an element; rank r holds elements [r * n, (r + 1) * n), n = ceil(numel / world)
+            numel = (end - start) // 4
+            per_rank = math.ceil(numel / world)
+            own += max(0, min(numel, (rank + 1) * per_rank) - rank * per_rank) * 4
+            largest = max(largest, end - start)
+    return headers + own, largest
+
+
+def rank_main(args) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from tests.fork_utils.worker import backend, init_process_group, rank
+
+    launcher, _, expected_path = CASES[args.case]
+    if launcher == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        keep_alive = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
+    else:
+        init_process_group()
+
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed_shard_on_read
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported here, not inside the cold load)
+
+    r = rank()
+    path = checkpoint_dir(r)
+    layout = read_layout(path)
+
+    def load_once(cold: bool) -> dict:
+        gc.collect()
+        release_free_memory()
+        before = {}
+        if cold:
+            evict(layout)
+            before = residency(layout, set())
+        deepspeed_shard_on_read.last_load.clear()
+        dist.barrier()
+        reset_peak_rss()
+        rss_before = proc_status_kb("VmRSS")
+        io_before = proc_read_bytes()
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        seconds = time.perf_counter() - start
+        read_bytes = proc_read_bytes() - io_before
+        peak = proc_status_kb("VmHWM")
+        dist.barrier()
+        seconds_barrier = time.perf_counter() - start
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+        run = {
+            "seconds": seconds,
+            "seconds_barrier": seconds_barrier,
+            "peak_rss_mb": peak * 1024 / MB,
+            "rss_before_mb": rss_before * 1024 / MB,
+            "read_bytes": read_bytes,
+            "elements_held": held,
+            "path": deepspeed_shard_on_read.last_load.get("path"),
+            "bytes_read_by_loader": deepspeed_shard_on_read.last_load.get("bytes_read"),
+        }
+        if cold:
+            run["resident_before"] = before
+            run["resident_after"] = residency(layout, set())
+        del model
+        gc.collect()
+        return run
+
+    cold = load_once(cold=True)
+    warm = [load_once(cold=False) for _ in range(1 + args.runs)][1:]
+    dist.barrier()
+    minimum, largest = partition_minimum(layout, r, NPROC)
+    return {
+        "case": args.case,
+        "rank": r,
+        "zero3": is_deepspeed_zero3_enabled(),
+        "expected_path": expected_path,
+        "partition_minimum": minimum,
+        "largest_tensor": largest,
+        "checkpoint_bytes": sum(f["size"] for f in layout.values()),
+        "warm": warm,
+        "cold": cold,
+    }
+
+
+def slowest_barrier(by: dict, case: str) -> float:
+    return max(by[case, r]["load_s_barrier"] for r in range(NPROC))
+
+
+def summarize(results: dict) -> dict:
+    rows = []
+    for case, ranks in results.items():
+        for r, rep in sorted(ranks.items()):
+            warm, cold = rep["warm"], rep["cold"]
+            pulled = cold["resident_after"]["total"] - cold["resident_before"]["total"]
+            rows.append(
+                {
+                    "case": case,
+                    "rank": r,
+                    "paths": sorted({str(run["path"]) for run in [*warm, cold]}),
+                    "expected_path": rep["expected_path"],
+                    "load_s": statistics.median(w["seconds"] for w in warm),
+                    "load_s_range": [min(w["seconds"] for w in warm), max(w["seconds"] for w in warm)],
+                    "load_s_barrier": statistics.median(w["seconds_barrier"] for w in warm),
+                    "peak_rss_mb": statistics.median(w["peak_rss_mb"] for w in warm),
+                    "peak_rss_delta_mb": statistics.median(w["peak_rss_mb"] - w["rss_before_mb"] for w in warm),
+                    "cold_load_s": cold["seconds"],
+                    "cold_peak_rss_mb": cold["peak_rss_mb"],
+                    "cold_read_bytes_mb": cold["read_bytes"] / MB,
+                    "cold_pulled_mb": pulled / MB,
+                    "loader_bytes_mb": (cold["bytes_read_by_loader"] or 0) / MB,
+                    "partition_min_mb": rep["partition_minimum"] / MB,
+                    "cold_ratio": pulled / rep["partition_minimum"],
+                    "cold_read_bytes_ratio": cold["read_bytes"] / rep["partition_minimum"],
+                    "largest_tensor_mb": rep["largest_tensor"] / MB,
+                    "elements_held_m": warm[0]["elements_held"] / 1e6,
+                    "warm_runs": warm,
+                    "cold_run": cold,
+                }
+            )
+    by = {(row["case"], row["rank"]): row for row in rows}
+    goals = {}
+    for case in results:
+        for r in range(NPROC):
+            row = by[case, r]
+            if row["expected_path"] is not None:
+                goals[f"path_{case}_rank{r}"] = {"ok": row["paths"] == [row["expected_path"]], "paths": row["paths"]}
+    if "shard_on_read" in results:
+        ratios = [by["shard_on_read", r]["cold_ratio"] for r in range(NPROC)]
+        goals["cold_bytes_over_partition_plus_headers"] = {
+            "per_rank": ratios, "goal": GOAL_COLD_RATIO, "ok": max(ratios) <= GOAL_COLD_RATIO,
+            "read_bytes_per_rank": [by["shard_on_read", r]["cold_read_bytes_ratio"] for r in range(NPROC)],
+        }
+        peaks = [by["shard_on_read", r]["peak_rss_mb"] for r in range(NPROC)]
+        largest = by["shard_on_read", 0]["largest_tensor_mb"]
+        excess = [peaks[0] - p for p in peaks[1:]]
+        goals["rank0_peak_rss_minus_others_mb"] = {
+            "per_rank": excess, "goal_mb": largest, "ok": max(excess) <= largest,
+        }
+    if "shard_on_read" in results and "upstream_zero3" in results:
+        slowest = [slowest_barrier(by, case) for case in ("shard_on_read", "upstream_zero3")]
+        goals["time_shard_on_read_over_upstream_zero3"] = {
+            "per_rank": [by["shard_on_read", r]["load_s"] / by["upstream_zero3", r]["load_s"] for r in range(NPROC)],
+            "until_barrier": slowest[0] / slowest[1], "goal": GOAL_TIME_RATIO,
+            "ok": slowest[0] / slowest[1] <= GOAL_TIME_RATIO,
+        }
+        cold = [max(by[case, r]["cold_load_s"] for r in range(NPROC)) for case in ("shard_on_read", "upstream_zero3")]
+        goals["cold_time_shard_on_read_over_upstream_zero3"] = {
+            "per_rank": [cold[0] / cold[1]], "goal": GOAL_TIME_RATIO, "ok": cold[0] / cold[1] <= GOAL_TIME_RATIO,
+        }
+    if "shard_on_read" in results and "no_deepspeed" in results:
+        slowest = [slowest_barrier(by, case) for case in ("shard_on_read", "no_deepspeed")]
+        goals["info_time_shard_on_read_over_no_deepspeed"] = {"per_rank": [slowest[0] / slowest[1]], "ok": True}
+    return {"rows": rows, "goals": goals}
+
+
+def print_table(summary: dict) -> None:
+    header = (
+        "| case | rank | path | load s warm (median [min-max]) | +barrier s | peak RSS MB (+over before) "
+        "| cold load s "
+        "| cold read_bytes MB | cold own copy pulled MB | loader read MB | partition+headers MB | pulled / min "
+        "| elements held M |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for row in summary["rows"]:
+        print(
+            f"| {row['case']} | {row['rank']} | {'/'.join(row['paths'])} | {row['load_s']:.2f} "
+            f"[{row['load_s_range'][0]:.2f}-{row['load_s_range'][1]:.2f}] | {row['load_s_barrier']:.2f} | "
+            f"{row['peak_rss_mb']:.0f} (+{row['peak_rss_delta_mb']:.0f}) | {row['cold_load_s']:.2f} | "
+            f"{row['cold_read_bytes_mb']:.1f} | {row['cold_pulled_mb']:.1f} | {row['loader_bytes_mb']:.1f} | "
+            f"{row['partition_min_mb']:.1f} | {row['cold_ratio']:.2f} | {row['elements_held_m']:.1f} |"
+        )
+    print()
+    for name, goal in summary["goals"].items():
+        ratios = ", ".join(f"{x:.2f}" for x in goal.get("per_rank", []))
+        extra = f" (slowest rank until barrier: {goal['until_barrier']:.2f})" if "until_barrier" in goal else ""
+        if "read_bytes_per_rank" in goal:
+            extra += " (/proc/self/io read_bytes: " + ", ".join(f"{x:.2f}" for x in goal["read_bytes_per_rank"]) + ")"
+        if "paths" in goal:
+            extra += f" {goal['paths']}"
+        limit = f" <= {goal['goal']}" if "goal" in goal else ""
+        limit = f" <= {goal['goal_mb']:.1f} MB" if "goal_mb" in goal else limit
+        status = "INFO" if name.startswith("info_") else ("PASS" if goal["ok"] else "FAIL")
+        print(f"{status} {name}{limit}: {ratios}{extra}")
+
+
+def driver(args) -> int:
+    from tests.fork_utils.launcher import launch
+
+    build_checkpoints()
+    import safetensors
+    import torch
+
+    import transformers
+
+    results, failures = {}, []
+    started = time.monotonic()
+    for case in args.cases:
+        launcher, env, _ = CASES[case]
+        print(f"== {case}: {launcher}, {NPROC} ranks, timeout {args.timeout} s", flush=True)
+        outcome = launch(
+            Path(__file__), ["--rank-side", "--case", case, "--runs", str(args.runs)], nproc=NPROC,
+            launcher=launcher, timeout=args.timeout, env=env,
+            accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
+        )
+        if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
+            failures.append(case)
+            print(outcome.report(), flush=True)
+            continue
+        print(f"   done in {outcome.elapsed:.0f} s", flush=True)
+        results[case] = outcome.results()
+    if not results:
+        return 1
+    summary = summarize(results)
+    print()
+    print_table(summary)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"load_zero3_dense-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    environment = {
+        "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+        "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
+        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)), "load_average": os.getloadavg(),
+    }
+    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, "failed_cases": failures,
+               "elapsed_s": time.monotonic() - started, **summary}
+    out.write_text(json.dumps(payload, indent=1, default=float))
+    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
+    if failures:
+        return 1
+    return 2 if args.strict and not all(goal["ok"] for goal in summary["goals"].values()) else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--runs", type=int, default=3, help="warm loads measured after the warm-up load")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds per launched case")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: benchmarks/results/load_zero3_dense-<time>.json)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
+    parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_side:
+        from tests.fork_utils.worker import run_rank
+
+        run_rank(lambda: rank_main(args))
+        return 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
