@@ -633,10 +633,17 @@ def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> tupl
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace `path` by `text` in one step; an unchanged file is left alone (its mtime is what make compares)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -228,7 +228,9 @@ class EPZero3FaultTest(unittest.TestCase):
         result = self.load("qwen3_moe", "--ep-size", "2", "--die-while-loading")
         self.assert_whole_job_failed_fast(result, RANK_DIES_LOADING_WITHIN)
         self.assertIn("Signal 9 (SIGKILL) received by PID", result.output)
-        self.assertIsNone(result.ranks[0].error, "rank 0 was expected to be stopped by the launcher, not to raise")
+        # Rank 0 is stopped by the launcher, or first sees its peer gone in the collective after loading
+        error = result.ranks[0].error
+        self.assertTrue(error is None or "Connection closed by peer" in error, error)
 
     def test_rank_dying_in_a_training_step_ends_the_job(self):
         args = ["--checkpoint", self.checkpoints["qwen3_moe"], "--entry", "deepspeed", "--ep-size", 2, "--steps", 3,
