@@ -110,7 +110,7 @@ FAMILIES = {
     "granitemoehybrid": ("GraniteMoeHybridConfig", dict(intermediate_size=32, num_local_experts=4,
                                                         num_experts_per_tok=2, shared_intermediate_size=32,
                                                         layer_types=["mamba", "attention"], mamba_n_heads=4,
-                                                        mamba_d_state=8, mamba_d_head=16, mamba_chunk_size=8)),
+                                                        mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=8)),
     "laguna": ("LagunaConfig", dict(intermediate_size=64, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                     sliding_window=8)),
