@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: help install assemble check diff refresh rebase test test-fast demo bench-load bench-load-dense bench-save \
-	bench-train clean
+	bench-train sweep-families clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
 	@echo "make bench-save  2-rank CPU save benchmark: EP + ZeRO-3 save_pretrained vs single process (BENCH_ARGS=...)"
+	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 
 install: $(VENV)/.installed
@@ -88,6 +89,13 @@ bench-save: install
 bench-load-dense: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/load_zero3_dense.py $(BENCH_ARGS)
+
+# Family sweep (benchmarks/family_sweep/): tiny model of each MoE family with an EP plan, 2 CPU ranks each, load /
+# train / save parity with one process, about 10 min; FAMILIES="gpt_oss deepseek_v3" for some.
+FAMILIES ?=
+sweep-families: install
+	$(PATCHQ) assemble --quiet
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
 
 # Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 3 variants x 3 interleaved repeats, about 4 min;
 # JSON in benchmarks/results/. BENCH_ARGS="--profile" adds a torch.profiler run of EP + ZeRO-3 and AutoEP.

@@ -77,6 +77,7 @@ class EPZero3TrainTest(unittest.TestCase):
             "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=21).path,
             "mixtral": make_checkpoint("mixtral", cls.tmp / "mixtral", seed=22).path,
             "qwen3_moe_8": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe_8", seed=23, num_experts=8).path,
+            "gemma4_text": make_checkpoint("gemma4_text", cls.tmp / "gemma4_text", seed=24).path,
         }
 
     @classmethod
@@ -141,6 +142,13 @@ class EPZero3TrainTest(unittest.TestCase):
     def test_deepspeed_initialize_matches_single_process(self, checkpoint, optimizer):
         results = self.run_training(checkpoint, "deepspeed", optimizer)
         self.compare_with_reference(checkpoint, results, optimizer, ep_size=2)
+        self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
+    def test_dense_rules_of_the_ep_plan_are_left_to_deepspeed(self):
+        """Gemma 4's EP plan also shards its dense MLP over the EP group (`colwise` / `rowwise`), tensor parallelism
+        that needs the EP group to share a batch: under ZeRO-3 the MLP stays whole and DeepSpeed partitions it."""
+        results = self.run_training("gemma4_text", "deepspeed", "sgd", steps=2)
+        self.compare_with_reference("gemma4_text", results, "sgd", ep_size=2)
         self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
 
     @parameterized.expand([("sgd",), ("adamw",)])

@@ -55,7 +55,19 @@ def _llama(**overrides):
     return LlamaConfig(**_config_values(dict(intermediate_size=128), overrides))
 
 
-FAMILIES = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "llama": _llama}
+def _gemma4_text(**overrides):
+    """Gemma 4 with MoE blocks: its EP plan also shards the dense MLP over the EP group (`colwise` / `rowwise`)."""
+    from transformers import Gemma4TextConfig
+
+    defaults = dict(
+        intermediate_size=64, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=16, global_head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Gemma4TextConfig(**_config_values(defaults, overrides))
+
+
+FAMILIES = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "llama": _llama, "gemma4_text": _gemma4_text}
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 

@@ -1,0 +1,144 @@
+"""Tiny random configs of MoE families that have a `base_model_ep_plan`: hidden 64, 4 experts, vocab 128, fp32."""
+
+from __future__ import annotations
+
+import transformers
+
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    output_router_logits=False,
+    attention_dropout=0.0,
+)
+
+# family -> (config class name, overrides). Experts: 4, top-2.
+FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                             n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                             num_key_value_heads=4, head_dim=8)),
+    "deepseek_v2": ("DeepseekV2Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0,
+                                             kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+                                             head_dim=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=1)),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(intermediate_size=32, num_local_experts=4,
+                                                        num_experts_per_tok=2, shared_intermediate_size=32)),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                    router_jitter_noise=0.0, input_jitter_noise=0.0)),
+    "dots1": ("Dots1Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)),
+    "glm4_moe": ("Glm4MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                       n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, moe_num_experts=4,
+                                                moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=32, num_experts=4, moe_topk=2)),
+    "minimax": ("MiniMaxConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                      layer_types=["linear_attention", "full_attention"], block_size=4)),
+    "jamba": ("JambaConfig", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2, expert_layer_period=1,
+                                  expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
+                                  use_mamba_kernels=False, mamba_d_state=4, mamba_expand=2)),
+    "flex_olmo": ("FlexOlmoConfig", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                                          eos_token_id=1)),
+    "lfm2_moe": ("Lfm2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                       num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=2,
+                                       layer_types=["conv", "full_attention"])),
+    "qwen3_next": ("Qwen3NextConfig", dict(intermediate_size=64, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                           linear_value_head_dim=16,
+                                           layer_types=["linear_attention", "full_attention"])),
+    "nemotron_h": ("NemotronHConfig", dict(layers_block_type=["moe", "attention"], intermediate_size=32,
+                                           moe_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+                                           n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                           use_mamba_kernels=False, mamba_num_heads=4, mamba_head_dim=16,
+                                           ssm_state_size=8, n_groups=1, chunk_size=8)),
+    # --- variants and more families
+    "lfm2_moe_tied": ("Lfm2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                            num_experts_per_tok=2, num_dense_layers=1, num_hidden_layers=2,
+                                            layer_types=["conv", "full_attention"], tie_word_embeddings=True)),
+    "ernie4_5_moe_tied": ("Ernie4_5_MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                     moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                                                     moe_layer_start_index=0, tie_word_embeddings=True)),
+    "deepseek_v3_grouped": ("DeepseekV3Config", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                     n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                                     n_group=2, topk_group=1, first_k_dense_replace=0,
+                                                     kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                                     qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+                                                     head_dim=8)),
+    "gpt_oss_shards": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                            sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                       dict(max_shard_size="20KB")),
+    "gemma4_text": ("Gemma4TextConfig", dict(intermediate_size=64, enable_moe_block=True, num_experts=4,
+                                             top_k_experts=2, moe_intermediate_size=32, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+                                             global_head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(intermediate_size=64, moe_intermediate_size=32,
+                                                      shared_expert_intermediate_size=32, num_experts=4,
+                                                      num_experts_per_tok=2, linear_num_key_heads=2,
+                                                      linear_num_value_heads=4, linear_key_head_dim=16,
+                                                      linear_value_head_dim=16,
+                                                      layer_types=["linear_attention", "full_attention"])),
+    "afmoe": ("AfmoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                  num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1,
+                                  global_attn_every_n_layers=2, sliding_window=8)),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                             num_shared_experts=1, sliding_window=8, pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2)),
+    "exaone_moe": ("ExaoneMoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                           num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
+                                           sliding_window=8, eos_token_id=2)),
+    "minimax_m2": ("MiniMaxM2Config", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(intermediate_size=32, num_local_experts=4,
+                                                        num_experts_per_tok=2, shared_intermediate_size=32,
+                                                        layer_types=["mamba", "attention"], mamba_n_heads=4,
+                                                        mamba_d_state=8, mamba_d_head=32, mamba_chunk_size=8)),
+    "laguna": ("LagunaConfig", dict(intermediate_size=64, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                    sliding_window=8)),
+    "solar_open": ("SolarOpenConfig", dict(moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                           num_experts_per_tok=2)),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                                n_shared_experts=1, num_experts_per_tok=2, kv_lora_rank=16,
+                                                q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                v_head_dim=16, num_key_value_heads=4)),
+}
+
+
+def options(family: str) -> dict:
+    entry = FAMILIES[family]
+    return entry[2] if len(entry) > 2 else {}
+
+
+def tiny_config(family: str):
+    class_name, overrides = FAMILIES[family][:2]
+    values = dict(COMMON)
+    values.update(overrides)
+    values = {k: v for k, v in values.items()}
+    return getattr(transformers, class_name)(**values)
+
+
+def num_experts(config) -> int:
+    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    raise ValueError(f"{type(config).__name__}: no expert count")
