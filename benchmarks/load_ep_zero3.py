@@ -34,7 +34,6 @@ import json
 import mmap
 import os
 import re
-import shutil
 import statistics
 import struct
 import sys
@@ -46,7 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
+from proc_stats import proc_status_kb  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -85,29 +85,18 @@ EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 
 
 def checkpoint_dir(rank: int) -> Path:
-    return CACHE / CHECKPOINT_NAME / f"rank{rank}"
+    return per_rank_checkpoint(CACHE / CHECKPOINT_NAME, rank)
 
 
 def build_checkpoints() -> None:
-    """Save the model once (seeded), then copy it per rank; a copy is complete once its marker file exists."""
-    base = CACHE / CHECKPOINT_NAME
-    if all((checkpoint_dir(r) / ".complete").exists() for r in range(NPROC)):
-        return
-    import torch
+    def make_model():
+        import torch
 
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    print(f"building the benchmark checkpoint under {base} (once)", flush=True)
-    shutil.rmtree(base, ignore_errors=True)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).to(torch.float32)
-    staging = base / "staging"
-    model.save_pretrained(staging, max_shard_size="150MB")
-    del model
-    for rank in range(NPROC):
-        shutil.copytree(staging, checkpoint_dir(rank))
-        (checkpoint_dir(rank) / ".complete").touch()
-    shutil.rmtree(staging)
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).to(torch.float32)
+
+    build_per_rank_checkpoints(CACHE / CHECKPOINT_NAME, NPROC, make_model)
 
 
 def read_layout(directory: Path) -> dict:

@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
 from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
     ACCELERATE_ZERO3,
     CACHE,
@@ -82,28 +82,18 @@ GOAL_TIME_RATIO = 0.5
 
 
 def checkpoint_dir(rank: int) -> Path:
-    return CACHE / CHECKPOINT_NAME / f"rank{rank}"
+    return per_rank_checkpoint(CACHE / CHECKPOINT_NAME, rank)
 
 
 def build_checkpoints() -> None:
-    base = CACHE / CHECKPOINT_NAME
-    if all((checkpoint_dir(r) / ".complete").exists() for r in range(NPROC)):
-        return
-    import torch
+    def make_model():
+        import torch
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    print(f"building the benchmark checkpoint under {base} (once)", flush=True)
-    shutil.rmtree(base, ignore_errors=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL)).to(torch.float32)
-    staging = base / "staging"
-    model.save_pretrained(staging, max_shard_size="150MB")
-    del model
-    for rank in range(NPROC):
-        shutil.copytree(staging, checkpoint_dir(rank))
-        (checkpoint_dir(rank) / ".complete").touch()
-    shutil.rmtree(staging)
+        return LlamaForCausalLM(LlamaConfig(**MODEL)).to(torch.float32)
+
+    build_per_rank_checkpoints(CACHE / CHECKPOINT_NAME, NPROC, make_model)
 
 
 def partition_minimum(layout: dict, rank: int, world: int) -> tuple[int, int]:
