@@ -9,8 +9,8 @@ rank. Each case runs on 2 CPU ranks through its real launcher (under a hard time
 
 - `ep_only`:    torchrun, `DistributedConfig(fsdp_size=2, ep_size=2)` (FSDP2 shards the dense weights)
 - `ep_zero3`:   accelerate launch + docs/configs/accelerate_deepspeed_zero3.yaml, `DistributedConfig(ep_size=2)`
-- `dense_zero3`: the same launch without a distributed config, TRANSFORMERS_ZERO3_SHARD_ON_READ=0: upstream's `zero.Init`
-  path (rank 0 reads everything; this fork's shard-on-read path for dense models is in load_zero3_dense.py)
+- `dense_zero3`: the same launch without a distributed config, TRANSFORMERS_ZERO3_SHARD_ON_READ=0: upstream's
+  `zero.Init` path (rank 0 reads everything; this fork's shard-on-read path for dense models: load_zero3_dense.py)
 
 Per rank, around `from_pretrained` only (imports, process group and DeepSpeed init before, barriers around it):
 - load wall time with a warm page cache: 1 warm-up, then the median [min-max] of `--runs` loads;
@@ -27,7 +27,6 @@ layout minimum (EP under ZeRO-3: the headers, every dense weight and this rank's
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -46,11 +45,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
+from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402
 from proc_stats import proc_status_kb  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench"
-RESULTS = REPO_ROOT / "benchmarks" / "results"
-ACCELERATE_ZERO3 = REPO_ROOT / "docs" / "configs" / "accelerate_deepspeed_zero3.yaml"
 NPROC = 2
 EP_SIZE = 2
 MODEL = dict(
@@ -509,51 +507,32 @@ def print_table(summary: dict) -> None:
 
 
 def driver(args) -> int:
-    from tests.fork_utils.launcher import launch
-
     build_checkpoints()
     import safetensors
     import torch
 
     import transformers
 
-    results, failures = {}, []
+    def options(case):
+        # dense_zero3: upstream's dense path, not this fork's shard-on-read one (benchmarks/load_zero3_dense.py
+        # compares them)
+        env = {"TRANSFORMERS_ZERO3_SHARD_ON_READ": "0"} if case == "dense_zero3" else None
+        return CASES[case][0], NPROC, env
+
     started = time.monotonic()
-    for case in args.cases:
-        launcher, _ = CASES[case]
-        print(f"== {case}: {launcher}, {NPROC} ranks, timeout {args.timeout} s", flush=True)
-        outcome = launch(
-            Path(__file__), ["--rank-side", "--case", case, "--runs", str(args.runs)], nproc=NPROC,
-            launcher=launcher, timeout=args.timeout,
-            accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
-            # upstream's dense path, not this fork's shard-on-read one (benchmarks/load_zero3_dense.py compares them)
-            env={"TRANSFORMERS_ZERO3_SHARD_ON_READ": "0"} if case == "dense_zero3" else None,
-        )
-        if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
-            failures.append(case)
-            print(outcome.report(), flush=True)
-            continue
-        print(f"   done in {outcome.elapsed:.0f} s", flush=True)
-        results[case] = outcome.results()
+    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs)])
     if not results:
         return 1
     summary = summarize(results)
     print()
     print_table(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"load_ep_zero3-{time.strftime('%Y%m%d-%H%M%S')}.json"
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
         "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)),
     }
-    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, "failed_cases": failures,
-               "elapsed_s": time.monotonic() - started, **summary}
-    out.write_text(json.dumps(payload, indent=1, default=float))
-    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
-    if failures:
-        return 1
-    return 2 if args.strict and not all(goal["ok"] for goal in summary["goals"].values()) else 0
+    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, **summary}
+    return finish("load_ep_zero3", args, payload, summary["goals"], failures, started)
 
 
 def read_ahead_kb(path: Path) -> int | None:
@@ -571,22 +550,8 @@ def read_ahead_kb(path: Path) -> int | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--runs", type=int, default=3, help="warm loads measured after the warm-up load")
-    parser.add_argument("--timeout", type=float, default=150, help="seconds per launched case")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default: benchmarks/results/load_ep_zero3-<time>.json)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
-    parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rank_side:
-        from tests.fork_utils.worker import run_rank
-
-        run_rank(lambda: rank_main(args))
-        return 0
-    return driver(args)
+    args = parse_args(__doc__, "load_ep_zero3", list(CASES), "warm loads measured after the warm-up load", 150)
+    return run(args, rank_main, driver)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ Goals (printed as PASS/FAIL, JSON under benchmarks/results/):
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -43,11 +41,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
+from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402
 from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
-    ACCELERATE_ZERO3,
     CACHE,
     MB,
-    RESULTS,
     evict,
     proc_read_bytes,
     read_ahead_kb,
@@ -294,68 +291,35 @@ def print_table(summary: dict) -> None:
 
 
 def driver(args) -> int:
-    from tests.fork_utils.launcher import launch
-
     build_checkpoints()
     import safetensors
     import torch
 
     import transformers
 
-    results, failures = {}, []
-    started = time.monotonic()
-    for case in args.cases:
+    def options(case):
         launcher, env, _ = CASES[case]
-        print(f"== {case}: {launcher}, {NPROC} ranks, timeout {args.timeout} s", flush=True)
-        outcome = launch(
-            Path(__file__), ["--rank-side", "--case", case, "--runs", str(args.runs)], nproc=NPROC,
-            launcher=launcher, timeout=args.timeout, env=env,
-            accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
-        )
-        if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
-            failures.append(case)
-            print(outcome.report(), flush=True)
-            continue
-        print(f"   done in {outcome.elapsed:.0f} s", flush=True)
-        results[case] = outcome.results()
+        return launcher, NPROC, env
+
+    started = time.monotonic()
+    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs)])
     if not results:
         return 1
     summary = summarize(results)
     print()
     print_table(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"load_zero3_dense-{time.strftime('%Y%m%d-%H%M%S')}.json"
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
         "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)), "load_average": os.getloadavg(),
     }
-    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, "failed_cases": failures,
-               "elapsed_s": time.monotonic() - started, **summary}
-    out.write_text(json.dumps(payload, indent=1, default=float))
-    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
-    if failures:
-        return 1
-    return 2 if args.strict and not all(goal["ok"] for goal in summary["goals"].values()) else 0
+    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, **summary}
+    return finish("load_zero3_dense", args, payload, summary["goals"], failures, started)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--runs", type=int, default=3, help="warm loads measured after the warm-up load")
-    parser.add_argument("--timeout", type=float, default=180, help="seconds per launched case")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default: benchmarks/results/load_zero3_dense-<time>.json)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
-    parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rank_side:
-        from tests.fork_utils.worker import run_rank
-
-        run_rank(lambda: rank_main(args))
-        return 0
-    return driver(args)
+    args = parse_args(__doc__, "load_zero3_dense", list(CASES), "warm loads measured after the warm-up load", 180)
+    return run(args, rank_main, driver)
 
 
 if __name__ == "__main__":

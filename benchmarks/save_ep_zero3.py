@@ -18,14 +18,13 @@ before it. The ranks hold one gathered tensor at a time, whatever the shard size
 
 Printed: a table and the ratios. Goals, in units of the largest tensor gathered (one layer's fused experts; neither
 bound grows with the model): the writing rank's peak RSS increase <= 3.5 (the gathered tensor, the gather's receive
-buffer and the copies converted back to the checkpoint's layout), the other ranks' <= 1.5. Reported: the same over the model's size, and EP + ZeRO-3
-save time / single-process save time (the gathers are collectives; the single process has everything local). JSON
-under benchmarks/results/ (git-ignored).
+buffer and the copies converted back to the checkpoint's layout), the other ranks' <= 1.5. Reported: the same over
+the model's size, and EP + ZeRO-3 save time / single-process save time (the gathers are collectives; the single
+process has everything local). JSON under benchmarks/results/ (git-ignored).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -40,8 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from load_ep_zero3 import (  # noqa: E402  (beside this script)
-    ACCELERATE_ZERO3,
+from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402  (beside this script)
+from load_ep_zero3 import (  # noqa: E402
     CACHE,
     MB,
     MODEL,
@@ -53,7 +52,6 @@ from load_ep_zero3 import (  # noqa: E402  (beside this script)
 from proc_stats import proc_status_kb  # noqa: E402
 
 
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 SAVES = CACHE / "saves"
 EP_SIZE = 2
 # case -> (launcher, number of processes)
@@ -222,61 +220,30 @@ def print_table(summary: dict) -> None:
 
 
 def driver(args) -> int:
-    from tests.fork_utils.launcher import launch
-
     build_checkpoints()
-    results, failures = {}, []
     started = time.monotonic()
-    for case in args.cases:
-        launcher, nproc = CASES[case]
-        print(f"== {case}: {launcher}, {nproc} process(es), timeout {args.timeout} s", flush=True)
-        outcome = launch(
-            Path(__file__),
-            ["--rank-side", "--case", case, "--runs", str(args.runs), "--max-shard-size", args.max_shard_size],
-            nproc=nproc, launcher=launcher, timeout=args.timeout,
-            accelerate_config=ACCELERATE_ZERO3 if launcher == "accelerate" else None,
-        )
-        if not outcome.ok or len(outcome.ranks) != nproc or any(o.result is None for o in outcome.ranks.values()):
-            failures.append(case)
-            print(outcome.report(), flush=True)
-            continue
-        print(f"   done in {outcome.elapsed:.0f} s", flush=True)
-        results[case] = outcome.results()
+    results, failures = launch_cases(
+        Path(__file__), args, lambda case: (*CASES[case], None),
+        ["--runs", str(args.runs), "--max-shard-size", args.max_shard_size],
+    )
     shutil.rmtree(SAVES, ignore_errors=True)
     if not results:
         return 1
     summary = summarize(results)
     print()
     print_table(summary)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"save_ep_zero3-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    payload = {"model": MODEL, "max_shard_size": args.max_shard_size, "cpus": os.cpu_count(),
-               "failed_cases": failures, "elapsed_s": time.monotonic() - started, **summary}
-    out.write_text(json.dumps(payload, indent=1, default=float))
-    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
-    if failures:
-        return 1
-    return 2 if args.strict and not all(goal["ok"] for goal in summary["goals"].values()) else 0
+    payload = {"model": MODEL, "max_shard_size": args.max_shard_size, "cpus": os.cpu_count(), **summary}
+    return finish("save_ep_zero3", args, payload, summary["goals"], failures, started)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--runs", type=int, default=3, help="saves measured after the warm-up save")
-    parser.add_argument("--max-shard-size", default="50GB")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per launched case")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default: benchmarks/results/save_ep_zero3-<time>.json)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
-    parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rank_side:
-        from tests.fork_utils.worker import run_rank
+    def add_arguments(parser):
+        parser.add_argument("--max-shard-size", default="50GB")
 
-        run_rank(lambda: rank_main(args))
-        return 0
-    return driver(args)
+    args = parse_args(
+        __doc__, "save_ep_zero3", list(CASES), "saves measured after the warm-up save", 300, add_arguments
+    )
+    return run(args, rank_main, driver)
 
 
 if __name__ == "__main__":
