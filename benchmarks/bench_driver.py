@@ -72,3 +72,19 @@ def finish(name: str, args: argparse.Namespace, payload: dict, goals: dict, fail
     if failures:
         return 1
     return 2 if args.strict and not all(goal["ok"] for goal in goals.values()) else 0
+
+
+def start_rank(launcher: str):
+    """Rank side: under `accelerate launch` an `Accelerator` registers the DeepSpeed ZeRO-3 config with transformers
+    and starts the process group (keep what this returns alive: transformers holds the config weakly); under torchrun
+    the process group alone. On CPU both are told to use gloo."""
+    from tests.fork_utils.worker import backend, init_process_group
+
+    if launcher == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+    if launcher == "torchrun":
+        init_process_group()
+    return None

@@ -45,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
-from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402
+from bench_driver import finish, launch_cases, parse_args, run, start_rank  # noqa: E402
 from proc_stats import proc_status_kb  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench"
@@ -318,17 +318,10 @@ def rank_main(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from tests.fork_utils.worker import backend, init_process_group, rank
+    from tests.fork_utils.worker import rank
 
     launcher, dist_kwargs = CASES[args.case]
-    if launcher == "accelerate":
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        # Registers the DeepSpeed ZeRO-3 config with transformers (keep it alive) and starts the process group.
-        keep_alive = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
-    else:
-        init_process_group()
+    keep_alive = start_rank(launcher)  # noqa: F841
 
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig

@@ -41,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
-from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402
+from bench_driver import finish, launch_cases, parse_args, run, start_rank  # noqa: E402
 from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
     CACHE,
     MB,
@@ -113,16 +113,10 @@ def rank_main(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from tests.fork_utils.worker import backend, init_process_group, rank
+    from tests.fork_utils.worker import rank
 
     launcher, _, expected_path = CASES[args.case]
-    if launcher == "accelerate":
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        keep_alive = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
-    else:
-        init_process_group()
+    keep_alive = start_rank(launcher)  # noqa: F841
 
     from transformers import AutoModelForCausalLM
     from transformers.integrations import deepspeed_shard_on_read

@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_driver import finish, launch_cases, parse_args, run  # noqa: E402  (beside this script)
+from bench_driver import finish, launch_cases, parse_args, run, start_rank  # noqa: E402  (beside this script)
 from load_ep_zero3 import (  # noqa: E402
     CACHE,
     MB,
@@ -93,14 +93,10 @@ def load_model(case: str, rank: int):
 def rank_main(args) -> dict:
     import torch.distributed as dist
 
-    from tests.fork_utils.worker import backend, init_process_group, rank
+    from tests.fork_utils.worker import rank
 
     distributed = args.case == "ep_zero3"
-    if distributed:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        keep_alive = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
+    keep_alive = start_rank(CASES[args.case][0])  # noqa: F841
     r = rank()
     model = load_model(args.case, r)
     target = SAVES / args.case

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import transformers
 
+from tests.fork_utils.tiny_models import TINY_DIMENSIONS
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    output_router_logits=False,
-    attention_dropout=0.0,
-)
+
+COMMON = dict(TINY_DIMENSIONS, output_router_logits=False, attention_dropout=0.0)
 
 # family -> (config class name, overrides). Experts: 4, top-2.
 FAMILIES = {

@@ -74,8 +74,8 @@ def run_family(family: str, tmp: Path) -> dict:
 
     saved = tmp / "saved"
     launch_dir = tmp / "launch"
-    result = launch(HERE / "rank.py", ["--checkpoint", checkpoint, "--save-dir", saved,
-                                      *(["--max-shard-size", opts["max_shard_size"]] if "max_shard_size" in opts else [])], nproc=2,
+    shard_args = ["--max-shard-size", opts["max_shard_size"]] if "max_shard_size" in opts else []
+    result = launch(HERE / "rank.py", ["--checkpoint", checkpoint, "--save-dir", saved, *shard_args], nproc=2,
                     launcher="accelerate", accelerate_config=CONFIG_DIR / "accelerate_deepspeed_zero3.yaml",
                     timeout=TIMEOUT, results_dir=launch_dir)
     out["launch"] = {"ok": result.ok, "timed_out": result.timed_out, "returncode": result.returncode,
@@ -105,8 +105,9 @@ def run_family(family: str, tmp: Path) -> dict:
             rep = reports[r]
             ep_rank = rep["ep_rank"]
             if set(rep["loaded"]) != set(initial):
-                problems.append(f"rank {r}: param names differ: only EP {sorted(set(rep['loaded']) - set(initial))[:4]}"
-                                f" only ref {sorted(set(initial) - set(rep['loaded']))[:4]}")
+                only_ep = sorted(set(rep["loaded"]) - set(initial))
+                only_ref = sorted(set(initial) - set(rep["loaded"]))
+                problems.append(f"rank {r}: param names differ: only EP {only_ep[:4]} only ref {only_ref[:4]}")
             for name, got in rep["loaded"].items():
                 if name not in initial:
                     continue
@@ -211,8 +212,8 @@ def summary(out: dict) -> str:
     load, train, save = out.get("load", {}), out.get("train", {}), out.get("save", {})
     parts = [f"{out['family']:17s}"]
     parts.append(f"load={'OK' if load.get('ok') else 'FAIL'}({fmt(load.get('max_abs_diff'))})")
-    parts.append(f"train={'OK' if train.get('ok') else 'FAIL'}(rel={fmt(max(train['rel_diff'])) if 'rel_diff' in train else '-'}"
-                 f", w={fmt(train.get('weights_max_abs_diff'))})")
+    rel = fmt(max(train["rel_diff"])) if "rel_diff" in train else "-"
+    parts.append(f"train={'OK' if train.get('ok') else 'FAIL'}(rel={rel}, w={fmt(train.get('weights_max_abs_diff'))})")
     parts.append(f"save={'OK' if save.get('ok') else 'FAIL'}(reload={fmt(save.get('reload_max_abs_diff'))}, "
                  f"keys={save.get('keys_equal')}, shapes={save.get('shapes_equal')})")
     if out.get("rank_errors"):

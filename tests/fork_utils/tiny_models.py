@@ -19,17 +19,21 @@ import torch
 REFERENCE_FILE = "reference_state_dict.safetensors"  # written beside the checkpoint, in a sub-folder of its own
 
 
+# The size of every tiny model (tests, and benchmarks/family_sweep/)
+TINY_DIMENSIONS = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
 def _config_values(defaults: dict, overrides: dict) -> dict:
-    values = dict(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    values = dict(TINY_DIMENSIONS)
     values.update(defaults)
     values.update(overrides)
     return values
