@@ -314,6 +314,47 @@ def expert_elements_held(model) -> tuple[int, int]:
     return held, per_layer
 
 
+def measure_load(load, layout: dict, own: set[int], cold: bool, describe) -> dict:
+    """
+    One `load()` (a `from_pretrained`, every rank at once) with the figures of the load benchmarks: wall time until
+    loaded and until every rank is, peak RSS over it, bytes read (`/proc/self/io`) and, for a `cold` load, page-cache
+    residency of the rank's checkpoint copy before (evicted) and after; `describe(model)` adds the case's own figures.
+    """
+    import torch.distributed as dist
+
+    gc.collect()
+    release_free_memory()
+    before = {}
+    if cold:
+        evict(layout)
+        before = residency(layout, own)
+    dist.barrier()
+    reset_peak_rss()
+    rss_before = proc_status_kb("VmRSS")
+    io_before = proc_read_bytes()
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    read_bytes = proc_read_bytes() - io_before
+    peak = proc_status_kb("VmHWM")
+    dist.barrier()
+    seconds_barrier = time.perf_counter() - start
+    run = {
+        "seconds": seconds,
+        "seconds_barrier": seconds_barrier,
+        "peak_rss_mb": peak * 1024 / MB,
+        "rss_before_mb": rss_before * 1024 / MB,
+        "read_bytes": read_bytes,
+        **describe(model),
+    }
+    if cold:
+        run["resident_before"] = before
+        run["resident_after"] = residency(layout, own)
+    del model
+    gc.collect()
+    return run
+
+
 def rank_main(args) -> dict:
     import torch
     import torch.distributed as dist
@@ -338,44 +379,16 @@ def rank_main(args) -> dict:
     ]
 
     def load_once(cold: bool) -> dict:
-        gc.collect()
-        release_free_memory()
-        before = {}
-        if cold:
-            evict(layout)
-            before = residency(layout, own)
         counter.reset()
         kwargs = {"dtype": torch.float32}
         if dist_kwargs is not None:
             kwargs["distributed_config"] = DistributedConfig(**dist_kwargs)
-        dist.barrier()
-        reset_peak_rss()
-        rss_before = proc_status_kb("VmRSS")
-        io_before = proc_read_bytes()
-        start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        seconds = time.perf_counter() - start
-        read_bytes = proc_read_bytes() - io_before
-        peak = proc_status_kb("VmHWM")
-        dist.barrier()
-        seconds_barrier = time.perf_counter() - start
-        held, local_experts = expert_elements_held(model)
-        run = {
-            "seconds": seconds,
-            "seconds_barrier": seconds_barrier,
-            "peak_rss_mb": peak * 1024 / MB,
-            "rss_before_mb": rss_before * 1024 / MB,
-            "read_bytes": read_bytes,
-            "expert_elems_held": held,
-            "local_experts_per_layer": local_experts,
-            **counter.summary(),
-        }
-        if cold:
-            run["resident_before"] = before
-            run["resident_after"] = residency(layout, own)
-        del model
-        gc.collect()
-        return run
+
+        def describe(model):
+            held, local_experts = expert_elements_held(model)
+            return {"expert_elems_held": held, "local_experts_per_layer": local_experts, **counter.summary()}
+
+        return measure_load(lambda: AutoModelForCausalLM.from_pretrained(path, **kwargs), layout, own, cold, describe)
 
     # The model's module is imported here, not inside the first (cold) load.
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401

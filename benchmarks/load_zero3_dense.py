@@ -28,7 +28,6 @@ Goals (printed as PASS/FAIL, JSON under benchmarks/results/):
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import sys
@@ -45,15 +44,10 @@ from bench_driver import finish, launch_cases, parse_args, run, start_rank  # no
 from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
     CACHE,
     MB,
-    evict,
-    proc_read_bytes,
+    measure_load,
     read_ahead_kb,
     read_layout,
-    release_free_memory,
-    reset_peak_rss,
-    residency,
 )
-from proc_stats import proc_status_kb  # noqa: E402
 
 NPROC = 2
 MODEL = dict(
@@ -129,41 +123,19 @@ def rank_main(args) -> dict:
     layout = read_layout(path)
 
     def load_once(cold: bool) -> dict:
-        gc.collect()
-        release_free_memory()
-        before = {}
-        if cold:
-            evict(layout)
-            before = residency(layout, set())
         deepspeed_shard_on_read.last_load.clear()
-        dist.barrier()
-        reset_peak_rss()
-        rss_before = proc_status_kb("VmRSS")
-        io_before = proc_read_bytes()
-        start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        seconds = time.perf_counter() - start
-        read_bytes = proc_read_bytes() - io_before
-        peak = proc_status_kb("VmHWM")
-        dist.barrier()
-        seconds_barrier = time.perf_counter() - start
-        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
-        run = {
-            "seconds": seconds,
-            "seconds_barrier": seconds_barrier,
-            "peak_rss_mb": peak * 1024 / MB,
-            "rss_before_mb": rss_before * 1024 / MB,
-            "read_bytes": read_bytes,
-            "elements_held": held,
-            "path": deepspeed_shard_on_read.last_load.get("path"),
-            "bytes_read_by_loader": deepspeed_shard_on_read.last_load.get("bytes_read"),
-        }
-        if cold:
-            run["resident_before"] = before
-            run["resident_after"] = residency(layout, set())
-        del model
-        gc.collect()
-        return run
+
+        def describe(model):
+            return {
+                "elements_held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                                     for p in model.parameters()),
+                "path": deepspeed_shard_on_read.last_load.get("path"),
+                "bytes_read_by_loader": deepspeed_shard_on_read.last_load.get("bytes_read"),
+            }
+
+        return measure_load(
+            lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), layout, set(), cold, describe
+        )
 
     cold = load_once(cold=True)
     warm = [load_once(cold=False) for _ in range(1 + args.runs)][1:]
