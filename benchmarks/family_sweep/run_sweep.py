@@ -24,10 +24,11 @@ import traceback
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from benchmarks.family_sweep.families import FAMILIES, num_experts, options, tiny_config
+from tests.deepspeed.test_ep_zero3_train import train_reference
 from tests.fork_utils.launcher import CONFIG_DIR, launch
+from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes
 
 
 HERE = Path(__file__).parent
@@ -36,14 +37,6 @@ TIMEOUT = 150
 LR = 1e-2
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
-
-
-def keys_and_shapes(path: Path) -> dict:
-    shapes = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    return shapes
 
 
 def max_diff(a: dict, b: dict):
@@ -68,9 +61,9 @@ def run_family(family: str, tmp: Path) -> dict:
     out["options"] = opts
     model.save_pretrained(checkpoint, **opts)
     del model
-    plain_shapes = keys_and_shapes(checkpoint)
-    reference_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    initial = {n: p.detach().clone() for n, p in reference_model.named_parameters()}
+    plain_shapes = checkpoint_keys_and_shapes(checkpoint)
+    initial = {n: p.detach().clone() for n, p in
+               AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).named_parameters()}
 
     saved = tmp / "saved"
     launch_dir = tmp / "launch"
@@ -138,18 +131,8 @@ def run_family(family: str, tmp: Path) -> dict:
         steps = len(reports[0]["losses"])
         train["engine_config"] = reports[0].get("engine_config")
         clip = reports[0].get("clip") or 0.0
-        reference_model.train()
-        optimizer = torch.optim.SGD(reference_model.parameters(), lr=LR)
-        ref_losses = []
-        for s in range(steps):
-            batch = torch.cat([reports[r]["inputs"][s] for r in (0, 1)])
-            loss = reference_model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(reference_model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad()
-            ref_losses.append(loss.item())
+        global_batches = [torch.cat([reports[r]["inputs"][s] for r in (0, 1)]) for s in range(steps)]
+        ref_losses, trained = train_reference(checkpoint, global_batches, "sgd", LR, clip)
         mean = [(reports[0]["losses"][s] + reports[1]["losses"][s]) / 2 for s in range(steps)]
         rel = [abs(m - r) / abs(r) for m, r in zip(mean, ref_losses)]
         train.update(ep_losses=mean, ref_losses=ref_losses, rel_diff=rel, ok=max(rel) <= LOSS_RTOL)
@@ -158,7 +141,6 @@ def run_family(family: str, tmp: Path) -> dict:
         layout = reports[0]["layout"]
         final = {n: (torch.cat([by_ep[e][n] for e in range(2)], dim=layout[n][1]) if n in layout else t)
                  for n, t in reports[0]["final"].items()}
-        trained = {n: p.detach().clone() for n, p in reference_model.named_parameters()}
         train["weights_max_abs_diff"], train["weights_worst"] = max_diff(final, trained)
         moved, _ = max_diff(trained, initial)
         train["reference_moved"] = moved
@@ -177,7 +159,7 @@ def run_family(family: str, tmp: Path) -> dict:
     if not (saved / "config.json").exists():
         save.update(ok=False, detail="nothing saved")
     else:
-        saved_shapes = keys_and_shapes(saved)
+        saved_shapes = checkpoint_keys_and_shapes(saved)
         save["keys_equal"] = set(saved_shapes) == set(plain_shapes)
         save["shapes_equal"] = save["keys_equal"] and all(saved_shapes[k] == plain_shapes[k] for k in plain_shapes)
         if not save["keys_equal"]:
@@ -190,9 +172,8 @@ def run_family(family: str, tmp: Path) -> dict:
             reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
             got = {n: p.detach() for n, p in reloaded.named_parameters()}
             if "ref_losses" in train:
-                want = {n: p.detach() for n, p in reference_model.named_parameters()}
-                save["reload_max_abs_diff"], save["reload_worst"] = max_diff(got, want)
-                save["ok"] = (save["shapes_equal"] and set(got) == set(want)
+                save["reload_max_abs_diff"], save["reload_worst"] = max_diff(got, trained)
+                save["ok"] = (save["shapes_equal"] and set(got) == set(trained)
                               and save["reload_max_abs_diff"] <= WEIGHT_ATOL)
             else:
                 save["ok"] = save["shapes_equal"]

@@ -15,24 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from parameterized import parameterized
-from safetensors import safe_open
 
 from tests.deepspeed.test_ep_zero3_train import assemble_experts
 from tests.fork_utils.launcher import CONFIG_DIR, launch
-from tests.fork_utils.tiny_models import make_checkpoint
+from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkpoint
 
 
 TRAIN = Path(__file__).parent / "scripts" / "ep_train.py"
 LOAD = Path(__file__).parent / "scripts" / "ep_load.py"
 TIMEOUT = 180
-
-
-def checkpoint_keys_and_shapes(path: Path) -> dict[str, tuple]:
-    shapes = {}
-    for file in path.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
-    return shapes
 
 
 @pytest.mark.multiprocess
@@ -97,7 +88,8 @@ class EPZero3SaveTest(unittest.TestCase):
     def test_trainer_save_model_writes_every_expert(self):
         saved = self.tmp / "saved-by-trainer"
         results = self.train("qwen3_moe", "--save-dir", saved, entry="trainer").check().results()
-        self.assert_checkpoint_holds(saved, assemble_experts(results, "final", ep_size=2), self.checkpoints["qwen3_moe"])
+        trained = assemble_experts(results, "final", ep_size=2)
+        self.assert_checkpoint_holds(saved, trained, self.checkpoints["qwen3_moe"])
 
     def test_resume_from_deepspeed_checkpoint_continues_identically(self):
         straight = self.train("qwen3_moe", steps=6).check().results()
@@ -109,21 +101,29 @@ class EPZero3SaveTest(unittest.TestCase):
             for name, tensor in straight[rank]["final"].items():
                 self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
 
+    def save_mixtral(self, saved, *extra, steps):
+        """Train tiny Mixtral `steps` steps and save it to `saved` in 20KB shards (many shards: a save can fail
+        between two of them)."""
+        return self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", *extra, steps=steps)
+
+    def assert_previous_checkpoint_kept(self, saved, before, first):
+        """`saved` still holds, byte for byte, the checkpoint of the run `first` (files `before`), and it loads."""
+        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
+        self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
+
     def test_failed_save_is_reported_on_every_rank_and_keeps_the_previous_checkpoint(self):
         saved = self.tmp / "saved-then-failed"
-        first = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=1).check().results()
+        first = self.save_mixtral(saved, steps=1).check().results()
         before = {p.name: p.read_bytes() for p in saved.iterdir()}
-        result = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", "--fail-save-after-shards", 1,
-                            steps=2)
+        result = self.save_mixtral(saved, "--fail-save-after-shards", 1, steps=2)
         self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
         self.assertLess(result.elapsed, TIMEOUT / 2)
         for rank, report in result.results().items():
             self.assertIn("save_error", report, f"rank {rank} did not see the failed save")
         self.assertIn("No space left on device", result.results()[0]["save_error"])
         # The previous checkpoint is untouched, and nothing half-written sits at (or next to) the target.
-        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
         self.assertEqual(sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}")), [])
-        self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
+        self.assert_previous_checkpoint_kept(saved, before, first)
 
     def test_trainer_checkpoints_and_resumes_identically(self):
         output_dir = self.tmp / "trainer-run"
@@ -147,23 +147,21 @@ class EPZero3SaveTest(unittest.TestCase):
 
     def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self):
         saved = self.tmp / "saved-then-killed"
-        first = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=1).check().results()
+        first = self.save_mixtral(saved, steps=1).check().results()
         before = {p.name: p.read_bytes() for p in saved.iterdir()}
-        killed = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", "--kill-save-after-shards", 1,
-                            steps=2)
+        killed = self.save_mixtral(saved, "--kill-save-after-shards", 1, steps=2)
         self.assertFalse(killed.ok)
         self.assertFalse(killed.timed_out, killed.report())
         self.assertLess(killed.elapsed, TIMEOUT / 2)
         self.assertEqual(killed.stragglers, [])
         self.assertIn("Signal 9 (SIGKILL) received by PID", killed.output)
         # The previous checkpoint is untouched and loads; the killed save's hidden directory does not load.
-        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
-        self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
+        self.assert_previous_checkpoint_kept(saved, before, first)
         leftovers = [p for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}.tmp-")]
         self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden sibling directory")
         self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
         self.assertFalse((leftovers[0] / "config.json").exists())
         # The next save replaces the checkpoint and removes what the killed one left.
-        second = self.train("mixtral", "--save-dir", saved, "--max-shard-size", "20KB", steps=2).check().results()
+        second = self.save_mixtral(saved, steps=2).check().results()
         self.assertFalse(leftovers[0].exists(), "the next save left the killed save's directory behind")
         self.assert_checkpoint_holds(saved, assemble_experts(second, "final", ep_size=2), self.checkpoints["mixtral"])

@@ -137,3 +137,14 @@ def reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(Path(path) / "reference" / REFERENCE_FILE)
+
+
+def checkpoint_keys_and_shapes(path: str | Path) -> dict[str, tuple]:
+    """Every tensor of the safetensors checkpoint at `path` with its shape, read from the headers."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
