@@ -119,6 +119,8 @@ def main():
         if accelerator.is_main_process:
             print(f"[rank 0] saved the trained model to {args.save_dir}", flush=True)
     accelerator.wait_for_everyone()
+    # Tear the process groups down before exiting: a rank leaving with live gloo groups can abort in their destructors.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

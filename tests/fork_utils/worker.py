@@ -91,6 +91,20 @@ def save_result(value) -> None:
         os.replace(path.with_suffix(".pt.tmp"), path)
 
 
+def _end_process_group() -> None:
+    """Tear the process groups down while every rank is still there.
+
+    A rank that exits with its gloo groups alive sometimes aborts in their destructors ("terminate called without an
+    active exception", SIGABRT) after its work succeeded; the barrier keeps a fast rank from closing its connections
+    while a peer still uses them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_rank(main: Callable[[], object]) -> None:
     directory = results_dir()
     log = None
@@ -103,6 +117,7 @@ def run_rank(main: Callable[[], object]) -> None:
         result = main()
         if result is not None:
             save_result(result)
+        _end_process_group()
     except BaseException as e:
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)
