@@ -98,7 +98,8 @@ sweep-families: install
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
 
 # Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 3 variants x 3 interleaved repeats, about 4 min;
-# JSON in benchmarks/results/. BENCH_ARGS="--profile" adds a torch.profiler run of EP + ZeRO-3 and AutoEP.
+# JSON in benchmarks/results/. BENCH_ARGS="--profile" adds a torch.profiler run of EP + ZeRO-3 and AutoEP;
+# BENCH_ARGS="--nproc 4 --ep-size 2 --timeout 240" runs EP x data parallelism on 4 ranks (about 5 min).
 bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)

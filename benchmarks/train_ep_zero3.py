@@ -4,7 +4,8 @@
 
 One Qwen3MoeForCausalLM (4 layers, 8 experts, top-2, hidden 256, moe_intermediate 256, vocab 4096, fp32: 9.19 M
 parameters, 6.29 M of them in experts) is saved once under `.cache/bench/` (seeded) and every variant loads it; each
-trains 10 AdamW steps (lr 1e-3, no weight decay) on 2 CPU ranks (torchrun, gloo, OMP_NUM_THREADS=1 per rank), micro
+trains 10 AdamW steps (lr 1e-3, no weight decay) on 2 CPU ranks (`--nproc`; torchrun, gloo, OMP_NUM_THREADS=1 per
+rank; EP size 2, `--ep-size`: `--nproc 4 --ep-size 2` adds data parallelism over the expert copies), micro
 batch 4 rows of 128 structured tokens per rank, the same rows on the same rank and step in every variant, under
 DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
 
@@ -15,7 +16,9 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
 
-Per variant and rank: load time (`from_pretrained`, barriers around it), `deepspeed.initialize` time, step times (a
+Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's
+communication and its expert groups, which B and C do in `deepspeed.initialize`, so the sum of both is compared
+too), `deepspeed.initialize` time, step times (a
 barrier before and after every step; the figure is the median of steps 3-10), the rank's CPU time per step (all its
 threads; unlike wall time it hardly moves when other processes share the cores, and the host's load average is
 recorded with every launch), CPU time per step by thread name (main thread vs the gloo threads of each process
@@ -55,8 +58,8 @@ from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
 
 CACHE = REPO_ROOT / ".cache" / "bench"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-NPROC = 2
-EP_SIZE = 2
+NPROC = 2  # default ranks (--nproc)
+EP_SIZE = 2  # default expert-parallel size of D and C (--ep-size)
 MODEL = dict(
     num_hidden_layers=4,
     hidden_size=256,
@@ -81,7 +84,7 @@ PROFILED_STEPS = (4, 5)  # steps 5-6
 LR = 1e-3
 DATA_SEED = 1234
 VARIANTS = {
-    "D": "EP (ep_size 2) + ZeRO-3 (ours)",
+    "D": "EP + ZeRO-3 (ours)",
     "B": "ZeRO-3, no EP (zero.Init)",
     "C": "DeepSpeed AutoEP + ZeRO-3",
 }
@@ -94,7 +97,7 @@ MiB = 2**20
 # Shared by both sides
 
 
-def deepspeed_config(variant: str) -> dict:
+def deepspeed_config(variant: str, ep_size: int) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
@@ -104,7 +107,7 @@ def deepspeed_config(variant: str) -> dict:
         "wall_clock_breakdown": False,
     }
     if variant == "C":
-        config["expert_parallel"] = {"enabled": True, "autoep_size": EP_SIZE, "preset_model": "qwen3_moe"}
+        config["expert_parallel"] = {"enabled": True, "autoep_size": ep_size, "preset_model": "qwen3_moe"}
     return config
 
 
@@ -139,9 +142,9 @@ def parameter_counts() -> dict:
     return {"total": total, "experts": experts, "dense": total - experts}
 
 
-def ideal_state(counts: dict) -> dict:
+def ideal_state(counts: dict, nproc: int) -> dict:
     """Per rank, ZeRO-3 with EP x EDP = W: 1/W of every dense and every expert tensor, 5 fp32 copies of it."""
-    per_copy = counts["dense"] / NPROC + counts["experts"] / NPROC
+    per_copy = counts["dense"] / nproc + counts["experts"] / nproc
     return {"per_copy_numel": per_copy, "numel": 5 * per_copy, "bytes": 5 * per_copy * 4}
 
 
@@ -268,7 +271,7 @@ def rank_main(args) -> dict:
     variant = args.variant
     init_process_group()
     r, world = rank(), world_size()
-    config = deepspeed_config(variant)
+    config = deepspeed_config(variant, args.ep_size)
     registered = None
     if variant in ("D", "B"):
         from transformers.integrations import HfDeepSpeedConfig
@@ -286,7 +289,7 @@ def rank_main(args) -> dict:
     import_s = time.perf_counter() - PROCESS_START
     kwargs = {"dtype": torch.float32}
     if variant == "D":
-        kwargs["distributed_config"] = DistributedConfig(ep_size=EP_SIZE)
+        kwargs["distributed_config"] = DistributedConfig(ep_size=args.ep_size)
     dist.barrier()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(CHECKPOINT, **kwargs)
@@ -383,10 +386,10 @@ def median(values):
     return statistics.median(values)
 
 
-def summarize(runs: dict[str, list[dict]], counts: dict) -> dict:
+def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
     """runs[variant] = one dict per repeat, rank -> result. Per repeat: the slowest rank for times, the largest rank
     for memory; then the median over repeats."""
-    ideal = ideal_state(counts)
+    ideal = ideal_state(counts, nproc)
     rows = {}
     for variant, repeats in runs.items():
         if not repeats:
@@ -406,6 +409,9 @@ def summarize(runs: dict[str, list[dict]], counts: dict) -> dict:
             "step_cpu_s_per_repeat": over(lambda res: median(res["step_cpu_s"][TIMED_STEPS])),
             "init_s": median(over(lambda res: res["init_s"])),
             "load_s": median(over(lambda res: res["load_s"])),
+            # D starts DeepSpeed's communication and its expert groups inside from_pretrained, which B and C do in
+            # deepspeed.initialize: compare the sum too.
+            "load_init_s": median(over(lambda res: res["load_s"] + res["init_s"])),
             "peak_rss_mib": median(over(lambda res: res["peak_rss_mib"])),
             "peak_rss_load_init_mib": median(over(lambda res: res["peak_rss_load_init_mib"])),
             "post_import_rss_mib": median(over(lambda res: res["post_import_rss_mib"])),
@@ -454,6 +460,8 @@ def summarize(runs: dict[str, list[dict]], counts: dict) -> dict:
     ratio("init D/C", "D", "C", "init_s")
     ratio("load D/B", "D", "B", "load_s")
     ratio("load D/C", "D", "C", "load_s")
+    ratio("load+init D/B", "D", "B", "load_init_s")
+    ratio("load+init D/C", "D", "C", "load_init_s")
     ratio("peak RSS D/B", "D", "B", "peak_rss_mib")
     ratio("peak RSS D/C", "D", "C", "peak_rss_mib")
     ratio("peak-post-import D/B", "D", "B", "peak_over_post_import_mib")
@@ -472,7 +480,7 @@ def summarize(runs: dict[str, list[dict]], counts: dict) -> dict:
     return {"rows": rows, "ratios": ratios, "ideal": ideal, "counts": counts, "loss_rel_diff": parity}
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, nproc: int) -> None:
     rows, ideal = summary["rows"], summary["ideal"]
     print("| variant | step s median [range] | step CPU s/rank | initialize s | load s | peak RSS MiB (load+init) "
           "| peak - post-import MiB | ZeRO-3 state/rank M elems: params + grads + fp32 master + Adam = total (MiB) "
@@ -491,8 +499,8 @@ def print_table(summary: dict) -> None:
             f"| {z['total']['bytes'] / ideal['bytes']:.3f} | {row['threads']} |"
         )
     counts = summary["counts"]
-    print(f"\nideal ZeRO-3 state per rank: (dense {counts['dense'] / 1e6:.2f} M / {NPROC} + experts "
-          f"{counts['experts'] / 1e6:.2f} M / {NPROC}) x 5 = {ideal['numel'] / 1e6:.2f} M elements, "
+    print(f"\nideal ZeRO-3 state per rank: (dense {counts['dense'] / 1e6:.2f} M / {nproc} + experts "
+          f"{counts['experts'] / 1e6:.2f} M / {nproc}) x 5 = {ideal['numel'] / 1e6:.2f} M elements, "
           f"{ideal['bytes'] / MiB:.1f} MiB fp32")
     for v, row in rows.items():
         print(f"{v}: import {row['import_s']:.1f} s, launch {row['launch_wall_s']:.0f} s, host load average "
@@ -519,14 +527,14 @@ def print_profiles(profiles: dict[str, list[dict]], limit: int = 20) -> None:
             print(f"{name:60s} {e['self_cpu_ms_per_step']:9.2f} {e['calls_per_step']:7.0f}")
 
 
-def run_variant(variant: str, timeout: float, profile: bool = False):
+def run_variant(variant: str, cli, profile: bool = False):
     from tests.fork_utils.launcher import launch
 
-    args = ["--rank-side", "--variant", variant] + (["--profile"] if profile else [])
+    args = ["--rank-side", "--variant", variant, "--ep-size", str(cli.ep_size)] + (["--profile"] if profile else [])
     load_before = os.getloadavg()[0]
-    outcome = launch(Path(__file__), args, nproc=NPROC, launcher="torchrun", timeout=timeout,
+    outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout,
                      env={"OMP_NUM_THREADS": "1"})
-    if not outcome.ok or len(outcome.ranks) != NPROC or any(o.result is None for o in outcome.ranks.values()):
+    if not outcome.ok or len(outcome.ranks) != cli.nproc or any(o.result is None for o in outcome.ranks.values()):
         print(outcome.report(), flush=True)
         return None, outcome.elapsed
     results = outcome.results()
@@ -551,7 +559,7 @@ def driver(args) -> int:
     for repeat in range(args.repeats):
         for variant in order[repeat % len(order):] + order[: repeat % len(order)]:  # rotate: interleaved, fair
             print(f"== repeat {repeat + 1}/{args.repeats}, {variant} ({VARIANTS[variant]})", end="", flush=True)
-            result, elapsed = run_variant(variant, args.timeout)
+            result, elapsed = run_variant(variant, args)
             if result is None:
                 failures.append(f"{variant}#{repeat + 1}")
                 continue
@@ -562,7 +570,7 @@ def driver(args) -> int:
     if args.profile:
         for variant in [v for v in ("D", "C") if v in args.variants]:
             print(f"== profile {variant}", end="", flush=True)
-            result, elapsed = run_variant(variant, args.timeout, profile=True)
+            result, elapsed = run_variant(variant, args, profile=True)
             if result is None:
                 failures.append(f"profile {variant}")
                 continue
@@ -570,10 +578,10 @@ def driver(args) -> int:
             print(f": {elapsed:.0f} s wall", flush=True)
     if not any(runs.values()) and not profiles:
         return 1
-    summary = summarize(runs, counts)
+    summary = summarize(runs, counts, args.nproc)
     if summary["rows"]:
         print()
-        print_table(summary)
+        print_table(summary, args.nproc)
     if profiles:
         print_profiles(profiles)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -582,9 +590,9 @@ def driver(args) -> int:
         "transformers": transformers.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
     }
-    setup = {"model": MODEL, "nproc": NPROC, "ep_size": EP_SIZE, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
-             "steps": STEPS, "lr": LR, "repeats": args.repeats, "deepspeed_config": {v: deepspeed_config(v)
-                                                                                    for v in args.variants}}
+    setup = {"model": MODEL, "nproc": args.nproc, "ep_size": args.ep_size, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
+             "steps": STEPS, "lr": LR, "repeats": args.repeats,
+             "deepspeed_config": {v: deepspeed_config(v, args.ep_size) for v in args.variants}}
     raw = {v: [{str(r): res for r, res in rep.items()} for rep in reps] for v, reps in runs.items()}
     payload = {"setup": setup, "environment": environment, "failed": failures, "elapsed_s": time.monotonic() - started,
                **summary, "profiles": profiles, "runs": raw}
@@ -603,6 +611,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every variant (0: --profile only)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run of D and C with torch.profiler on rank 0, steps 5-6")
+    parser.add_argument("--nproc", type=int, default=NPROC, help="ranks (torchrun, CPU): 2, or 4 on a 2-core host "
+                        "for EP x data parallelism (oversubscribed: compare the ratios, not the times)")
+    parser.add_argument("--ep-size", type=int, default=EP_SIZE, help="expert-parallel size of D and C")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per launch (hard)")
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/train_ep_zero3-<time>.json)")

@@ -41,11 +41,13 @@ def assemble_experts(results: dict, key: str, ep_size: int) -> dict[str, torch.T
     return full
 
 
-def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks=1):
-    """Single process on each step's global batch; `chunks > 1` sums the same mean loss in another order."""
+def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks=1, router_aux_loss=False):
+    """Single process on each step's global batch; `chunks > 1` averages the losses of its `chunks` parts: the same
+    mean loss in another order, or with `router_aux_loss` (not additive over rows) what `chunks` ranks train on."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.config.output_router_logits = router_aux_loss
     model.train()
     if optimizer_name == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -94,7 +96,7 @@ class EPZero3TrainTest(unittest.TestCase):
             result = launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT)
         return result.check().results()
 
-    def compare_with_reference(self, checkpoint, results, optimizer, ep_size, lr=1e-2):
+    def compare_with_reference(self, checkpoint, results, optimizer, ep_size, lr=1e-2, router_aux_loss=False):
         nproc = len(results)
         steps = len(results[0]["losses"])
         global_batches = [torch.cat([results[r]["inputs"][s] for r in range(nproc)]) for s in range(steps)]
@@ -102,7 +104,11 @@ class EPZero3TrainTest(unittest.TestCase):
             rows = [tuple(results[r]["inputs"][s].flatten().tolist()) for r in range(nproc)]
             self.assertEqual(len(set(rows)), nproc, f"step {s}: the ranks did not feed batches of their own")
         clip = results[0]["clip"]
-        ref_losses, ref_weights = train_reference(self.checkpoints[checkpoint], global_batches, optimizer, lr, clip)
+        # The aux loss of a batch is not the mean of its rows' aux losses: the reference averages the ranks' losses.
+        chunks = nproc if router_aux_loss else 1
+        ref_losses, ref_weights = train_reference(
+            self.checkpoints[checkpoint], global_batches, optimizer, lr, clip, chunks, router_aux_loss
+        )
 
         # Right after initialize: every rank's experts unchanged, dense weights equal to the checkpoint on all ranks.
         checkpoint_state = reference_state_dict(self.checkpoints[checkpoint])
@@ -143,6 +149,23 @@ class EPZero3TrainTest(unittest.TestCase):
         results = self.run_training(checkpoint, "deepspeed", optimizer)
         self.compare_with_reference(checkpoint, results, optimizer, ep_size=2)
         self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
+    @parameterized.expand([("qwen3_moe",), ("mixtral",)])
+    def test_router_aux_loss_trains_at_parity(self, checkpoint):
+        """`output_router_logits=True`: the router logits are recorded under EP, every rank's first aux loss is that of
+        the single-process model on its rows, and training with the aux loss matches the single-process reference."""
+        from transformers import AutoModelForCausalLM
+
+        results = self.run_training(checkpoint, "deepspeed", "sgd", steps=3, extra=["--aux-loss"])
+        model = AutoModelForCausalLM.from_pretrained(self.checkpoints[checkpoint], dtype=torch.float32)
+        model.config.output_router_logits = True
+        for rank, report in results.items():
+            self.assertNotIn(None, report["aux_losses"], f"rank {rank}: no aux loss, router logits not recorded")
+            input_ids = report["inputs"][0]
+            with torch.no_grad():
+                expected = model(input_ids=input_ids, labels=input_ids).aux_loss.item()
+            self.assertLessEqual(abs(report["aux_losses"][0] - expected), 1e-5 * expected, f"rank {rank}")
+        self.compare_with_reference(checkpoint, results, "sgd", ep_size=2, router_aux_loss=True)
 
     def test_dense_rules_of_the_ep_plan_are_left_to_deepspeed(self):
         """Gemma 4's EP plan also shards its dense MLP over the EP group (`colwise` / `rowwise`), tensor parallelism

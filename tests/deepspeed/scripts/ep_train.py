@@ -39,6 +39,7 @@ def parse_args():
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aux-loss", action="store_true", help="output_router_logits=True: the router aux loss is on")
     parser.add_argument("--drop-expert-family-tag", action="store_true",
                         help="negative control: experts' gradients then get averaged like dense ones")
     parser.add_argument("--first-step", type=int, default=0, help="the index of the first step (resumed runs)")
@@ -189,11 +190,13 @@ def train_deepspeed(args, model, data, record):
         if step == args.die_at_step and rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         input_ids = rows_of(data, args, step)
-        loss = engine(input_ids=input_ids, labels=input_ids).loss
-        engine.backward(loss)
+        outputs = engine(input_ids=input_ids, labels=input_ids)
+        engine.backward(outputs.loss)
         engine.step()
         record["inputs"].append(input_ids)
-        record["losses"].append(loss.item())
+        record["losses"].append(outputs.loss.item())
+        if args.aux_loss:
+            record["aux_losses"].append(None if outputs.aux_loss is None else outputs.aux_loss.item())
     record["clip"] = engine.gradient_clipping()
     record["offloaded"] = sorted(w for w, on in [("optimizer", engine.zero_offload_optimizer()),
                                                  ("param", engine.zero_offload_param())] if on)
@@ -265,9 +268,10 @@ def main():
         for param in model.parameters():
             if hasattr(param, "ds_zero_placement_family"):
                 del param.ds_zero_placement_family
+    model.config.output_router_logits = args.aux_loss
     model.train()
     data = dataset_rows(args, model.config.vocab_size)
-    record = {"inputs": [], "losses": []}
+    record = {"inputs": [], "losses": [], "aux_losses": []}
     if args.entry == "deepspeed":
         module = train_deepspeed(args, model, data, record)
     elif args.entry == "accelerate":
