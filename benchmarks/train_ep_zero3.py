@@ -16,17 +16,16 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
 
-Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's
-communication and its expert groups, which B and C do in `deepspeed.initialize`, so the sum of both is compared
-too), `deepspeed.initialize` time, step times (a
-barrier before and after every step; the figure is the median of steps 3-10), the rank's CPU time per step (all its
-threads; unlike wall time it hardly moves when other processes share the cores, and the host's load average is
-recorded with every launch), CPU time per step by thread name (main thread vs the gloo threads of each process
-group), peak RSS (VmHWM: after initialize and at the end), and the ZeRO-3 state the rank keeps: its parameter
-partitions (`ds_tensor`), the optimizer's fp32 master partitions (`fp32_partitioned_groups_flat`), the Adam states
-(`optimizer.state` of those partitions) and the gradient partitions (`grad_partitions_flat_buffer`), in elements and
-bytes (bytes also counted once per storage, to catch aliases), against the ideal per rank: (dense / W + experts / W)
-x (param + grad + 2 Adam states + fp32 master).
+Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's communication
+and its expert groups, which B and C do in `deepspeed.initialize`, so their sum is compared too),
+`deepspeed.initialize` time, step times (a barrier before and after every step; the figure is the median of steps
+3-10), the rank's CPU time per step (all its threads; unlike wall time it hardly moves when other processes share the
+cores, and the host's load average is recorded with every launch), CPU time per step by thread name (main thread vs the
+gloo threads of each process group), peak RSS (VmHWM: after initialize and at the end), and the ZeRO-3 state the rank
+keeps: its parameter partitions (`ds_tensor`), the optimizer's fp32 master partitions (`fp32_partitioned_groups_flat`),
+the Adam states (`optimizer.state` of those partitions) and the gradient partitions (`grad_partitions_flat_buffer`), in
+elements and bytes (bytes also counted once per storage, to catch aliases), against the ideal per rank: (dense / W +
+experts / W) x (param + grad + 2 Adam states + fp32 master).
 The variants run interleaved, `--repeats` times (3); a variant's figure is the median over repeats of the slowest
 rank (time) or the largest rank (memory). The table and the ratios against the goals (step D/B < 1, step D/C <= 1)
 go to stdout, everything to JSON under benchmarks/results/ (git-ignored). The losses of the three variants are
