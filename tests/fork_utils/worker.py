@@ -5,9 +5,10 @@ A launched script wraps its body with `run_rank(main)`. Each rank then
 - dumps every thread's stack into that log on SIGUSR1, which the launcher sends before killing a job that timed out,
   so a hang says where each rank was stuck;
 - writes `main()`'s return value to `<results>/rank<r>.pt` (torch.save: tensors allowed) for the test to assert on,
-  then tears the process groups down together with the other ranks (`_end_process_group`), or writes the traceback to `<results>/rank<r>.error` and exits non-zero. A failing rank lingers `EPFORK_FAILURE_GRACE_S`
-  seconds first (the launcher sets it): torchrun ends every rank as soon as one exits, and a test of an error that
-  must be raised on every rank needs the slower ranks to get there. A rank stuck in a collective instead never does.
+  then tears the process groups down together with the other ranks (`_end_process_group`); or writes the traceback
+  to `<results>/rank<r>.error` and exits non-zero. A failing rank lingers `EPFORK_FAILURE_GRACE_S` seconds first
+  (the launcher sets it): torchrun ends every rank as soon as one exits, and a test of an error that must be raised
+  on every rank needs the slower ranks to get there. A rank stuck in a collective instead never does.
 """
 
 from __future__ import annotations
