@@ -86,14 +86,13 @@ class EPZero3TrainTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def run_training(self, checkpoint, entry, optimizer, nproc=2, ep_size=2, steps=5, extra=()):
+    def run_training(self, checkpoint, entry, optimizer, nproc=2, ep_size=2, steps=5, extra=(), launcher=None):
+        """`launcher`: accelerate launch for the accelerate entry, torchrun for the others, unless named."""
         args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", ep_size,
                 "--steps", steps, "--optimizer", optimizer, *extra]
-        if entry == "accelerate":
-            result = launch(SCRIPT, args, nproc=nproc, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
-                            timeout=TIMEOUT)
-        else:
-            result = launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT)
+        launcher = launcher or ("accelerate" if entry == "accelerate" else "torchrun")
+        config = ACCELERATE_ZERO3 if launcher == "accelerate" else None
+        result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT)
         return result.check().results()
 
     def compare_with_reference(self, checkpoint, results, optimizer, ep_size, lr=1e-2, router_aux_loss=False):
@@ -192,8 +191,9 @@ class EPZero3TrainTest(unittest.TestCase):
         results = self.run_training("mixtral", "accelerate", "adamw")
         self.compare_with_reference("mixtral", results, "adamw", ep_size=2)
 
-    def test_trainer_matches_single_process(self):
-        results = self.run_training("qwen3_moe", "trainer", "adamw")
+    @parameterized.expand([("torchrun",), ("deepspeed",)])
+    def test_trainer_matches_single_process(self, launcher):
+        results = self.run_training("qwen3_moe", "trainer", "adamw", launcher=launcher)
         self.assertEqual(results[0]["engine"], "DeepSpeedEngine", "the Trainer must build a DeepSpeed engine")
         mean_losses, ref_losses = self.compare_with_reference("qwen3_moe", results, "adamw", ep_size=2)
         logged = results[0]["logged_losses"]

@@ -1,4 +1,4 @@
-"""Run a script on N ranks through a real launcher (`torchrun`, `accelerate launch`) with a hard timeout.
+"""Run a script on N ranks through a real launcher (`torchrun`, `accelerate launch`, `deepspeed`) with a hard timeout.
 
 A distributed job that goes wrong usually hangs: one rank raised, the others wait in a collective. `launch` bounds
 every job: past its timeout it asks each rank for a stack dump (SIGUSR1, see `worker.run_rank`), then kills the
@@ -155,12 +155,17 @@ def launcher_command(
         if accelerate_config is not None:
             cmd += ["--config_file", str(accelerate_config)]
         cmd += ["--num_processes", str(nproc), "--main_process_port", str(port)]
+    elif launcher == "deepspeed":
+        # DeepSpeed's own launcher (the `deepspeed` command). `--no_local_rank`: the scripts read LOCAL_RANK from the
+        # environment rather than take a `--local_rank` argument.
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--no_local_rank"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
     elif launcher == "python":
         if nproc != 1:
             raise ValueError("launcher='python' runs a single process")
         cmd = [sys.executable]
     else:
-        raise ValueError(f"unknown launcher {launcher!r}: use 'torchrun', 'accelerate' or 'python'")
+        raise ValueError(f"unknown launcher {launcher!r}: use 'torchrun', 'accelerate', 'deepspeed' or 'python'")
     return [*cmd, str(script), *map(str, args)]
 
 

@@ -6,6 +6,7 @@ import unittest
 from pathlib import Path
 
 import pytest
+from parameterized import parameterized
 
 from tests.fork_utils.launcher import _tagged_pids, launch
 
@@ -58,7 +59,8 @@ class LauncherTest(unittest.TestCase):
         with self.assertRaises(AssertionError):
             result.check()
 
-    def test_rank_that_raises_is_reported_with_its_traceback(self):
+    @parameterized.expand([("torchrun",), ("deepspeed",)])
+    def test_rank_that_raises_is_reported_with_its_traceback(self, launcher):
         script = _write(
             self.tmp,
             """
@@ -74,10 +76,10 @@ class LauncherTest(unittest.TestCase):
             run_rank(main)
             """,
         )
-        result = launch(script, nproc=2, timeout=60)
+        result = launch(script, nproc=2, launcher=launcher, timeout=60)
 
         self.assertFalse(result.ok)
-        self.assertFalse(result.timed_out, "torchrun should stop the job as soon as rank 1 fails")
+        self.assertFalse(result.timed_out, f"{launcher} should stop the job as soon as rank 1 fails")
         self.assertIn("ValueError: boom on rank 1", result.ranks[1].error)
         self.assertIn("raise ValueError", result.ranks[1].error)
         self.assertIn("ValueError: boom on rank 1", result.report())
