@@ -69,6 +69,17 @@ def safetensors_layout(path: Path) -> dict:
     return layout
 
 
+def truncate_last_element(path: Path) -> str:
+    """Cut the last element of the file's last tensor, which only the last rank's partition holds; returns its key."""
+    layout = safetensors_layout(path)
+    key = max(layout, key=lambda k: layout[k][1])
+    file, offset, element_size, numel = layout[key]
+    assert numel >= WORLD, "the last tensor must span every rank's partition"
+    with open(file, "r+b") as f:
+        f.truncate(offset + (numel - 1) * element_size)
+    return key
+
+
 def expected_partition(full: torch.Tensor, rank: int) -> torch.Tensor:
     size = math.ceil(full.numel() / WORLD)
     part = full.reshape(-1)[rank * size : (rank + 1) * size]
@@ -106,6 +117,8 @@ class Zero3ShardOnReadTest(unittest.TestCase):
         to_bin_checkpoint(cls.checkpoints["llama_bin"])
         cls.checkpoints["llama_bf16"] = make_checkpoint("llama", cls.tmp / "llama_bf16", seed=27).path
         rewrite_safetensors(cls.checkpoints["llama_bf16"], cast=torch.bfloat16)
+        cls.checkpoints["llama_truncated"] = make_checkpoint("llama", cls.tmp / "llama_truncated", seed=28).path
+        cls.truncated_tensor = truncate_last_element(cls.checkpoints["llama_truncated"])
 
     @classmethod
     def tearDownClass(cls):
@@ -227,6 +240,34 @@ class Zero3ShardOnReadTest(unittest.TestCase):
                 self.assertTrue(0.015 < half.std().item() < 0.025, half.std().item())
         self.assertTrue(torch.equal(results[0]["params"]["model.layers.1.mlp.down_proj.weight"]["gathered"],
                                     results[1]["params"]["model.layers.1.mlp.down_proj.weight"]["gathered"]))
+
+    def launch_failing_load(self, checkpoint, *extra):
+        args = ["--checkpoint", self.checkpoints[checkpoint], *extra]
+        result = launch(SCRIPT, args, nproc=WORLD, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
+                        timeout=LAUNCH_TIMEOUT)
+        self.assertFalse(result.ok, "the load succeeded")
+        self.assertFalse(result.timed_out, "a rank waited for one that failed")
+        self.assertLess(result.elapsed, 60)
+        self.assertEqual(sorted(result.ranks), list(range(WORLD)), result.report())
+        return result
+
+    def test_truncated_checkpoint_fails_every_rank(self):
+        """The last tensor's last element, which only rank 1's partition holds, is cut off: the header check finds it
+        on every rank before any rank reads a partition."""
+        result = self.launch_failing_load("llama_truncated")
+        for rank, outcome in result.ranks.items():
+            self.assertIn(f"the header entry of {self.truncated_tensor} does not match the file (corrupt checkpoint?)",
+                          outcome.error or "", f"rank {rank}\n{result.report()}")
+
+    def test_a_rank_that_cannot_read_its_partition_fails_every_rank(self):
+        """An I/O error on rank 1 only: rank 1 raises it, and rank 0, whose own load succeeded, raises an error naming
+        rank 1 and its error instead of going on alone into the next collective."""
+        result = self.launch_failing_load("llama", "--fail-reads-on-rank", "1")
+        self.assertIn("OSError: ", result.ranks[1].error or "", result.report())
+        self.assertIn("injected read error", result.ranks[1].error)
+        rank0_error = result.ranks[0].error or ""
+        self.assertIn("DeepSpeed ZeRO-3 shard-on-read load failed on rank(s) [1]", rank0_error, result.report())
+        self.assertIn("rank 1: OSError: ", rank0_error)
 
     def test_bin_checkpoint_falls_back_to_upstream_path(self):
         results = self.launch_load("llama_bin")

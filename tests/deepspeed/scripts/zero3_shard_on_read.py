@@ -29,7 +29,20 @@ def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--fail-reads-on-rank", type=int, default=None,
+                        help="this rank's reads of tensor data raise OSError (an I/O error on one node)")
     return parser.parse_args()
+
+
+def fail_tensor_reads(reader_class) -> None:
+    read_into = reader_class.read_into
+
+    def failing_read_into(self, file, offset, out, header=False):
+        if not header:
+            raise OSError(f"{file}: injected read error at byte {offset}")
+        return read_into(self, file, offset, out, header=header)
+
+    reader_class.read_into = failing_read_into
 
 
 def main():
@@ -46,6 +59,8 @@ def main():
     from transformers.integrations import deepspeed_shard_on_read
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+    if args.fail_reads_on_rank == rank():
+        fail_tensor_reads(deepspeed_shard_on_read.RangeReader)
     records = Records()
     shard_logger = logging.getLogger(SHARD_ON_READ_LOGGER)
     shard_logger.setLevel(logging.DEBUG)
