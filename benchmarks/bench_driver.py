@@ -78,13 +78,10 @@ def start_rank(launcher: str):
     """Rank side: under `accelerate launch` an `Accelerator` registers the DeepSpeed ZeRO-3 config with transformers
     and starts the process group (keep what this returns alive: transformers holds the config weakly); under torchrun
     the process group alone. On CPU both are told to use gloo."""
-    from tests.fork_utils.worker import backend, init_process_group
+    from tests.fork_utils.worker import init_process_group, start_accelerator
 
     if launcher == "accelerate":
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+        return start_accelerator()
     if launcher == "torchrun":
         init_process_group()
     return None

@@ -40,7 +40,6 @@ timeout. Method and earlier figures: the project's research note `autoep-anchor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,10 +52,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from proc_stats import proc_status_kb  # noqa: E402  (beside this script)
+from bench_driver import finish, run  # noqa: E402  (beside this script)
+from proc_stats import proc_status_kb  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench"
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 NPROC = 2  # default ranks (--nproc)
 EP_SIZE = 2  # default expert-parallel size of D and C (--ep-size)
 MODEL = dict(
@@ -583,25 +582,19 @@ def driver(args) -> int:
         print_table(summary, args.nproc)
     if profiles:
         print_profiles(profiles)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS / f"train_ep_zero3-{time.strftime('%Y%m%d-%H%M%S')}.json"
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
     }
-    setup = {"model": MODEL, "nproc": args.nproc, "ep_size": args.ep_size, "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH,
-             "steps": STEPS, "lr": LR, "repeats": args.repeats,
+    setup = {"model": MODEL, "nproc": args.nproc, "ep_size": args.ep_size, "seq_len": SEQ_LEN,
+             "micro_batch": MICRO_BATCH, "steps": STEPS, "lr": LR, "repeats": args.repeats,
              "deepspeed_config": {v: deepspeed_config(v, args.ep_size) for v in args.variants}}
     raw = {v: [{str(r): res for r, res in rep.items()} for rep in reps] for v, reps in runs.items()}
-    payload = {"setup": setup, "environment": environment, "failed": failures, "elapsed_s": time.monotonic() - started,
-               **summary, "profiles": profiles, "runs": raw}
-    out.write_text(json.dumps(payload, indent=1, default=float))
-    print(f"\nresults: {out}  ({time.monotonic() - started:.0f} s)")
+    payload = {"setup": setup, "environment": environment, **summary, "profiles": profiles, "runs": raw}
     if failures:
         print(f"FAILED launches: {', '.join(failures)}")
-        return 1
-    goals_ok = all(e["ok"] for e in summary["ratios"].values() if "ok" in e)
-    return 2 if args.strict and not goals_ok else 0
+    goals = {name: entry for name, entry in summary["ratios"].items() if "ok" in entry}
+    return finish("train_ep_zero3", args, payload, goals, failures, started)
 
 
 def main() -> int:
@@ -619,13 +612,7 @@ def main() -> int:
     parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
     parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rank_side:
-        from tests.fork_utils.worker import run_rank
-
-        run_rank(lambda: rank_main(args))
-        return 0
-    return driver(args)
+    return run(parser.parse_args(), rank_main, driver)
 
 
 if __name__ == "__main__":

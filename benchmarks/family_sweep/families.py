@@ -123,7 +123,6 @@ def tiny_config(family: str):
     class_name, overrides = FAMILIES[family][:2]
     values = dict(COMMON)
     values.update(overrides)
-    values = {k: v for k, v in values.items()}
     return getattr(transformers, class_name)(**values)
 
 

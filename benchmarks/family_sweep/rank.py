@@ -8,7 +8,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import backend, rank, run_rank, save_result, world_size
+from tests.fork_utils.worker import rank, run_rank, save_result, start_accelerator, world_size
 
 
 SEQ_LEN = 12
@@ -42,10 +42,7 @@ def main():
     parser.add_argument("--max-shard-size", default="50GB")
     args = parser.parse_args()
 
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
+    accelerator = start_accelerator()  # noqa: F841  (registers the DeepSpeed ZeRO-3 config: keep it alive)
 
     import deepspeed
 

@@ -82,6 +82,15 @@ def init_process_group():
     return dist.group.WORLD
 
 
+def start_accelerator():
+    """Under `accelerate launch`: an `Accelerator` on the launcher's backend. It registers the launch's DeepSpeed ZeRO-3
+    config with transformers and starts the process group; keep it alive (transformers holds the config weakly)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+
+
 def save_result(value) -> None:
     import torch
 

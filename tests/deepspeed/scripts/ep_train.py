@@ -23,7 +23,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import backend, init_process_group, rank, run_rank, world_size
+from tests.fork_utils.worker import backend, init_process_group, rank, run_rank, start_accelerator, world_size
 
 
 SEQ_LEN = 12
@@ -138,10 +138,7 @@ def partition_groups(module) -> dict[str, list[int]]:
 def register_deepspeed(args):
     """Register ZeRO-3 before `from_pretrained`, as each entry point does; keep what it returns alive."""
     if args.entry == "accelerate":
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+        return start_accelerator()
     if args.entry == "trainer":
         from accelerate import PartialState
 

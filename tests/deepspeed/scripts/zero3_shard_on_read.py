@@ -10,7 +10,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import backend, rank, run_rank
+from tests.fork_utils.worker import rank, run_rank, start_accelerator
 
 
 SHARD_ON_READ_LOGGER = "transformers.integrations.deepspeed_shard_on_read"
@@ -47,11 +47,7 @@ def fail_tensor_reads(reader_class) -> None:
 
 def main():
     args = parse_args()
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # Registers the DeepSpeed ZeRO-3 config with transformers (keep the reference) and starts the process group.
-    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])  # noqa: F841
+    accelerator = start_accelerator()  # noqa: F841  (registers the DeepSpeed ZeRO-3 config: keep it alive)
 
     import deepspeed
 
