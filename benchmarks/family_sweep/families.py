@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import transformers
 
-from tests.fork_utils.tiny_models import TINY_DIMENSIONS
+from tests.fork_utils import tiny_models
 
 
-COMMON = dict(TINY_DIMENSIONS, output_router_logits=False, attention_dropout=0.0)
+SWEEP_SETTINGS = dict(output_router_logits=False, attention_dropout=0.0)
+COMMON = dict(tiny_models.TINY_DIMENSIONS, **SWEEP_SETTINGS)
 
-# family -> (config class name, overrides). Experts: 4, top-2.
-FAMILIES = {
-    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-                                         num_experts_per_tok=2)),
-    "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+# Families the tests build too: the sweep takes their tiny configs from the test fixtures
+FROM_TEST_FIXTURES = ("qwen3_moe", "mixtral", "gemma4_text")
+
+# family -> (config class name, overrides[, save_pretrained options]). Experts: 4, top-2.
+SWEEP_CONFIGS = {
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                      sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
     "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
@@ -77,11 +78,6 @@ FAMILIES = {
     "gpt_oss_shards": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                             sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
                        dict(max_shard_size="20KB")),
-    "gemma4_text": ("Gemma4TextConfig", dict(intermediate_size=64, enable_moe_block=True, num_experts=4,
-                                             top_k_experts=2, moe_intermediate_size=32, sliding_window=8,
-                                             layer_types=["sliding_attention", "full_attention"],
-                                             vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
-                                             global_head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(intermediate_size=64, moe_intermediate_size=32,
                                                       shared_expert_intermediate_size=32, num_experts=4,
                                                       num_experts_per_tok=2, linear_num_key_heads=2,
@@ -114,21 +110,19 @@ FAMILIES = {
 }
 
 
+FAMILIES = (*FROM_TEST_FIXTURES, *SWEEP_CONFIGS)
+
+
 def options(family: str) -> dict:
-    entry = FAMILIES[family]
+    entry = SWEEP_CONFIGS.get(family, ())
     return entry[2] if len(entry) > 2 else {}
 
 
 def tiny_config(family: str):
-    class_name, overrides = FAMILIES[family][:2]
-    values = dict(COMMON)
-    values.update(overrides)
-    return getattr(transformers, class_name)(**values)
+    if family in FROM_TEST_FIXTURES:
+        return tiny_models.tiny_config(family, **SWEEP_SETTINGS)
+    class_name, overrides = SWEEP_CONFIGS[family][:2]
+    return getattr(transformers, class_name)(**dict(COMMON, **overrides))
 
 
-def num_experts(config) -> int:
-    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    raise ValueError(f"{type(config).__name__}: no expert count")
+num_experts = tiny_models.num_experts

@@ -82,9 +82,11 @@ def tiny_config(family: str, **overrides):
 
 
 def num_experts(config) -> int:
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if getattr(config, name, None):
-            return getattr(config, name)
+    # Families name the count differently; an unused name may be set to None or 0
+    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
     raise ValueError(f"{type(config).__name__} has no expert count")
 
 
