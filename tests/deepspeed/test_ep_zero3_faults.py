@@ -230,8 +230,8 @@ class EPZero3FaultTest(unittest.TestCase):
         result = self.load("qwen3_moe", "--ep-size", "2", "--die-while-loading")
         self.assert_whole_job_failed_fast(result, RANK_DIES_LOADING_WITHIN)
         self.assertIn("Signal 9 (SIGKILL) received by PID", result.output)
-        # Rank 0 is stopped by the launcher, or first sees its peer gone in the collective after loading; gloo
-        # words that as a closed or a reset connection depending on when the socket died
+        # Rank 0 is stopped by the launcher, or first sees its peer gone in the collective after loading (gloo's
+        # wording depends on when the socket died)
         error = result.ranks[0].error
         self.assertTrue(error is None or any(gone in error for gone in GLOO_PEER_GONE), error)
 
