@@ -124,11 +124,13 @@ class Zero3ShardOnReadTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def launch_load(self, checkpoint, *extra, env=None):
+    def launch_script(self, checkpoint, *extra, env=None):
         args = ["--checkpoint", self.checkpoints[checkpoint], *extra]
-        result = launch(SCRIPT, args, nproc=WORLD, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
-                        timeout=LAUNCH_TIMEOUT, env=env).check()
-        results = result.results()
+        return launch(SCRIPT, args, nproc=WORLD, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
+                      timeout=LAUNCH_TIMEOUT, env=env)
+
+    def launch_load(self, checkpoint, *extra, env=None):
+        results = self.launch_script(checkpoint, *extra, env=env).check().results()
         self.assertEqual(sorted(results), list(range(WORLD)))
         return results
 
@@ -242,9 +244,7 @@ class Zero3ShardOnReadTest(unittest.TestCase):
                                     results[1]["params"]["model.layers.1.mlp.down_proj.weight"]["gathered"]))
 
     def launch_failing_load(self, checkpoint, *extra):
-        args = ["--checkpoint", self.checkpoints[checkpoint], *extra]
-        result = launch(SCRIPT, args, nproc=WORLD, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
-                        timeout=LAUNCH_TIMEOUT)
+        result = self.launch_script(checkpoint, *extra)
         self.assertFalse(result.ok, "the load succeeded")
         self.assertFalse(result.timed_out, "a rank waited for one that failed")
         self.assertLess(result.elapsed, 60)
