@@ -26,6 +26,11 @@ LOAD = Path(__file__).parent / "scripts" / "ep_load.py"
 TIMEOUT = 180
 
 
+def checkpoint_files(directory: Path) -> dict[str, bytes]:
+    """The bytes of each file of a checkpoint directory; hidden entries (a save's staging directory) left out."""
+    return {p.name: p.read_bytes() for p in directory.iterdir() if not p.name.startswith(".")}
+
+
 @pytest.mark.multiprocess
 class EPZero3SaveTest(unittest.TestCase):
     @classmethod
@@ -108,20 +113,21 @@ class EPZero3SaveTest(unittest.TestCase):
 
     def assert_previous_checkpoint_kept(self, saved, before, first):
         """`saved` still holds, byte for byte, the checkpoint of the run `first` (files `before`), and it loads."""
-        self.assertEqual({p.name: p.read_bytes() for p in saved.iterdir()}, before)
+        self.assertEqual(checkpoint_files(saved), before)
         self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
 
     def test_failed_save_is_reported_on_every_rank_and_keeps_the_previous_checkpoint(self):
         saved = self.tmp / "saved-then-failed"
         first = self.save_mixtral(saved, steps=1).check().results()
-        before = {p.name: p.read_bytes() for p in saved.iterdir()}
+        before = checkpoint_files(saved)
         result = self.save_mixtral(saved, "--fail-save-after-shards", 1, steps=2)
         self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
         self.assertLess(result.elapsed, TIMEOUT / 2)
         for rank, report in result.results().items():
             self.assertIn("save_error", report, f"rank {rank} did not see the failed save")
         self.assertIn("No space left on device", result.results()[0]["save_error"])
-        # The previous checkpoint is untouched, and nothing half-written sits at (or next to) the target.
+        # The previous checkpoint is untouched, and nothing half-written sits in (or next to) the target.
+        self.assertEqual(sorted(p.name for p in saved.iterdir() if p.name.startswith(".")), [])
         self.assertEqual(sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}")), [])
         self.assert_previous_checkpoint_kept(saved, before, first)
 
@@ -148,17 +154,17 @@ class EPZero3SaveTest(unittest.TestCase):
     def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self):
         saved = self.tmp / "saved-then-killed"
         first = self.save_mixtral(saved, steps=1).check().results()
-        before = {p.name: p.read_bytes() for p in saved.iterdir()}
+        before = checkpoint_files(saved)
         killed = self.save_mixtral(saved, "--kill-save-after-shards", 1, steps=2)
         self.assertFalse(killed.ok)
         self.assertFalse(killed.timed_out, killed.report())
         self.assertLess(killed.elapsed, TIMEOUT / 2)
         self.assertEqual(killed.stragglers, [])
         self.assertIn("Signal 9 (SIGKILL) received by PID", killed.output)
-        # The previous checkpoint is untouched and loads; the killed save's hidden directory does not load.
+        # The previous checkpoint is untouched and loads; the killed save's hidden staging directory does not load.
         self.assert_previous_checkpoint_kept(saved, before, first)
-        leftovers = [p for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}.tmp-")]
-        self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden sibling directory")
+        leftovers = [p for p in saved.iterdir() if p.name.startswith(".save-in-progress-")]
+        self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden staging directory")
         self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
         self.assertFalse((leftovers[0] / "config.json").exists())
         # The next save replaces the checkpoint and removes what the killed one left.
