@@ -20,7 +20,7 @@ help:
 	@echo "make demo      set up and run the 2-rank CPU EP + ZeRO-3 demo"
 	@echo "make install   create $(VENV): torch==2.13.0, deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
 	@echo "make assemble  src/transformers = pristine release + patches/series (FORCE=1 drops unrefreshed edits)"
-	@echo "make check     the series applies exactly, headers are complete, no edit is left outside patches/"
+	@echo "make check     the series applies exactly, headers are complete, no patch adds a file, no edit is left outside patches/"
 	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
 	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
@@ -29,6 +29,7 @@ help:
 	@echo "make bench-save  2-rank CPU save benchmark: EP + ZeRO-3 save_pretrained vs single process (BENCH_ARGS=...)"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
+	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
 
@@ -104,5 +105,7 @@ bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)
 
+# src/transformers also holds the fork's own (tracked) modules: patchq removes only what assembly made.
 clean:
-	rm -rf $(VENV) .cache src/transformers src/*.egg-info .pytest_cache
+	$(PATCHQ) clean
+	rm -rf $(VENV) .cache src/*.egg-info src/.assemble-* src/.transformers.old .pytest_cache

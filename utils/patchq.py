@@ -6,14 +6,19 @@ sdist is fetched by package name with pip, verified and cached outside git. `src
 release's `src/transformers` with the patches of `patches/series` applied in order. You edit `src/transformers`, then
 `refresh` writes your edits back into the patches.
 
+The fork's own modules (files upstream does not have) are not patches: they are ordinary tracked files at their place
+under `src/transformers`, each un-ignored by a `!/src/transformers/...` line of `.gitignore`. The assembly carries them
+over untouched, `check` and `refresh` leave them out, and `diff` shows them as new files.
+
 Commands (the Makefile wraps each one):
     fetch     download, verify and unpack the pinned release into the cache
     assemble  (re)build src/transformers from the pristine release and the series; refuses to drop unrefreshed edits
-    check     the series applies exactly to pristine, every patch has its header, src/transformers has no edit that is
-              not in a patch, and the review diff applies with `git apply --check`
+    check     the series applies exactly to pristine, every patch has its header, no patch adds a file,
+              src/transformers has no edit that is not in a patch, and the review diff applies with `git apply --check`
     diff      print the review diff of src/transformers against pristine (paths relative to the upstream repo root)
     refresh   write the edits made in src/transformers back into the patches (one patch per concern)
     rebase    move the series onto another release, reporting per patch: applied, applied with offset/fuzz, conflicts
+    clean     remove the assembled files of src/transformers (the own modules stay)
 
 Only the standard library is used: this runs inside `pip install -e .` before anything else is installed.
 """
@@ -283,7 +288,8 @@ def stage_series(pristine: Path, patches: list[PatchFile], dest: Path, fuzz: int
     return results
 
 
-def _package_files(upstream_root: Path) -> set[str]:
+def _package_files(upstream_root: Path, skip: frozenset[str] = frozenset()) -> set[str]:
+    """Files of the package (relative to the root), without caches and without the paths in `skip`."""
     base = upstream_root / PACKAGE_DIR
     if not base.is_dir():
         return set()
@@ -294,12 +300,12 @@ def _package_files(upstream_root: Path) -> set[str]:
             if filename.endswith((".pyc", ".pyo")):
                 continue
             found.add((Path(dirpath) / filename).relative_to(upstream_root).as_posix())
-    return found
+    return found - skip
 
 
-def changed_files(old_root: Path, new_root: Path) -> list[str]:
+def changed_files(old_root: Path, new_root: Path, skip: frozenset[str] = frozenset()) -> list[str]:
     """Paths (relative to the roots) that differ, were added or were removed between two package trees."""
-    old, new = _package_files(old_root), _package_files(new_root)
+    old, new = _package_files(old_root, skip), _package_files(new_root, skip)
     changed = old ^ new
     for path in old & new:
         if not filecmp.cmp(old_root / path, new_root / path, shallow=False):
@@ -337,6 +343,87 @@ def tree_diff(old_root: Path, new_root: Path, paths: list[str] | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The fork's own modules: tracked files under src/transformers that no patch carries and no assembly touches
+
+
+def own_modules(root: Path) -> frozenset[str]:
+    """The fork's own files under src/transformers (paths relative to the repo root) that exist in the work tree.
+
+    Every upstream file there is git-ignored, so the own modules are the files git does not ignore: tracked, or
+    un-ignored by a `!/src/transformers/...` line of .gitignore. Where git cannot say (no git, or a copy of the
+    repository outside a git work tree) those .gitignore lines are the record, read as they are written.
+    """
+    listed = _git_own_modules(root)
+    if listed is None:
+        listed = _recorded_own_modules(root)
+    return frozenset(path for path in listed if (root / path).is_file())
+
+
+def _git_own_modules(root: Path) -> set[str] | None:
+    """Tracked plus untracked-but-not-ignored files under src/transformers; None when root is no git work tree."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    # A copy nested in some other repository (a test's scratch directory) would get that repository's answer.
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
+        return None
+    listed = set()
+    for selection in ([], ["--others", "--exclude-standard"]):
+        cmd = ["git", "ls-files", "-z", *selection, "--", PACKAGE_DIR.as_posix()]
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PatchQueueError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+        listed.update(path for path in proc.stdout.split("\0") if path)
+    return listed
+
+
+def _recorded_own_modules(root: Path) -> set[str]:
+    """The files .gitignore un-ignores one by one under src/transformers (`!/src/transformers/<path>`)."""
+    gitignore = root / ".gitignore"
+    if not gitignore.is_file():
+        return set()
+    prefix = f"!/{PACKAGE_DIR.as_posix()}/"
+    recorded = set()
+    for line in gitignore.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith(prefix) and not line.endswith("/"):  # a trailing slash un-ignores a parent directory
+            recorded.add(line[2:])
+    return recorded
+
+
+def _collisions(own: frozenset[str], upstream_root: Path) -> list[str]:
+    """Own modules at the path of a file of `upstream_root` (pristine, or pristine + patches)."""
+    return [
+        f"{path} is an own module of the fork, but the upstream release (or a patch) has a file at that path: an own "
+        "module cannot replace an upstream file; rename it, or make the change a patch of that file"
+        for path in sorted(own)
+        if (upstream_root / path).exists()
+    ]
+
+
+def _unrecorded(root: Path, own: frozenset[str]) -> list[str]:
+    """Own modules git knows of but .gitignore does not name (a copy without git takes them for assembled ones)."""
+    return [
+        f"{path} is tracked under src/transformers but .gitignore does not un-ignore it: add `!/{path}` there "
+        "(README, layout)"
+        for path in sorted(own - _recorded_own_modules(root))
+    ]
+
+
+def _carry_own_modules(root: Path, staged_root: Path, own: frozenset[str]) -> None:
+    """Copy the own modules into a staged tree, so that replacing src/transformers by it keeps them as they are."""
+    for path in sorted(own):
+        (staged_root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / path, staged_root / path)
+
+
+def _is_assembled(root: Path, own: frozenset[str]) -> bool:
+    """Whether src/transformers holds an assembly; a fresh clone has the own modules there and nothing else."""
+    return bool(_package_files(root, skip=own))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Assembly and the stamp that tells a fresh assembly from local edits
 
 
@@ -351,15 +438,16 @@ def _series_digest(pin: Pin, patches: list[PatchFile]) -> str:
     return digest.hexdigest()
 
 
-def _manifest(upstream_root: Path) -> dict[str, str]:
+def _manifest(upstream_root: Path, own: frozenset[str]) -> dict[str, str]:
+    """The assembled files and their hashes; own modules are left out (git keeps them, no assembly replaces them)."""
     manifest = {}
-    for path in sorted(_package_files(upstream_root)):
+    for path in sorted(_package_files(upstream_root, skip=own)):
         manifest[path] = hashlib.sha1((upstream_root / path).read_bytes()).hexdigest()
     return manifest
 
 
-def _write_stamp(root: Path, digest: str) -> None:
-    stamp = {"series_digest": digest, "manifest": _manifest(root)}
+def _write_stamp(root: Path, digest: str, own: frozenset[str]) -> None:
+    stamp = {"series_digest": digest, "manifest": _manifest(root, own)}
     _stamp_path(root).parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(_stamp_path(root), json.dumps(stamp))
 
@@ -371,12 +459,13 @@ def _read_stamp(root: Path) -> dict | None:
         return None
 
 
-def _edited_since_assembly(root: Path, stamp: dict | None) -> list[str] | None:
+def _edited_since_assembly(root: Path, stamp: dict | None, own: frozenset[str]) -> list[str] | None:
     """Files of src/transformers changed since the last assembly; None when that cannot be told (no stamp)."""
     if stamp is None:
         return None
-    current = _manifest(root)
-    recorded = stamp["manifest"]
+    current = _manifest(root, own)
+    # A stamp written before a file became an own module still lists it: it is no assembled file any more.
+    recorded = {path: sha for path, sha in stamp["manifest"].items() if path not in own}
     return sorted(p for p in current.keys() | recorded.keys() if current.get(p) != recorded.get(p))
 
 
@@ -387,7 +476,13 @@ def _replace_package(root: Path, staged_root: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
-    os.replace(staged_root / PACKAGE_DIR, target)
+    try:
+        os.replace(staged_root / PACKAGE_DIR, target)
+    except BaseException:
+        # Put the old tree back: it holds the originals of the own modules, and the next assembly deletes `old`.
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -397,10 +492,11 @@ def assemble(root: Path, force: bool = False, quiet: bool = False) -> None:
     patches = load_series(root)
     digest = _series_digest(pin, patches)
     stamp = _read_stamp(root)
-    package = root / PACKAGE_DIR
-    edits = _edited_since_assembly(root, stamp) if package.is_dir() else []
+    own = own_modules(root)
+    assembled = _is_assembled(root, own)
+    edits = _edited_since_assembly(root, stamp, own) if assembled else []
 
-    if package.is_dir() and stamp and not force:
+    if assembled and stamp and not force:
         if stamp["series_digest"] == digest:
             if edits:
                 print(
@@ -423,9 +519,12 @@ def assemble(root: Path, force: bool = False, quiet: bool = False) -> None:
     (root / "src").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root / "src", prefix=".assemble-") as tmp:
         stage_series(pristine, patches, Path(tmp))
-        if package.is_dir() and stamp is None and not force:
+        collisions = _collisions(own, Path(tmp))
+        if collisions:
+            raise PatchQueueError("\n".join(collisions))
+        if assembled and stamp is None and not force:
             # A tree we did not assemble (or whose stamp was lost): adopt it only if it is exactly the series.
-            drift = changed_files(Path(tmp), root)
+            drift = changed_files(Path(tmp), root, skip=own)
             if drift:
                 raise PatchQueueError(
                     "src/transformers differs from pristine + patches/ and has no assembly stamp:\n  "
@@ -433,8 +532,9 @@ def assemble(root: Path, force: bool = False, quiet: bool = False) -> None:
                     + "\nRun `make refresh` to keep these edits, or `make assemble FORCE=1` to discard them."
                 )
         else:
+            _carry_own_modules(root, Path(tmp), own)
             _replace_package(root, Path(tmp))
-    _write_stamp(root, digest)
+    _write_stamp(root, digest, own)
     if not quiet:
         print(f"patchq: assembled src/transformers from {pin.package} {pin.version} + {len(patches)} patches")
 
@@ -459,8 +559,16 @@ def check(root: Path) -> list[str]:
                 problems.append(f"{patch.name}: header field '{key}:' is missing or TODO")
         if not patch.sections:
             problems.append(f"{patch.name}: changes nothing")
+        for path in _added_files(patch):
+            problems.append(
+                f"{patch.name}: adds the new file {path}; no patch adds a new file; put it at its place under "
+                "src/transformers as an own module (README, layout)"
+            )
 
     pristine = fetch(root, pin)
+    own = own_modules(root)
+    assembled = _is_assembled(root, own)
+    problems += _unrecorded(root, own)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "assembled"
         _copy_package(pristine, stage)
@@ -468,11 +576,14 @@ def check(root: Path) -> list[str]:
             result = apply_patch(stage, patch.name, patch.text(), fuzz=0)
             if result.status != "applied":
                 problems.append(f"patch {result.describe()} (run `make refresh` to regenerate it exactly)")
-        if (root / PACKAGE_DIR).is_dir():
-            for path in changed_files(stage, root):
+        problems += _collisions(own, stage)
+        if assembled:
+            # Own modules are no edits of upstream files: git keeps them, and no patch may carry them.
+            for path in changed_files(stage, root, skip=own):
                 problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
 
-        review = tree_diff(pristine, root) if (root / PACKAGE_DIR).is_dir() else ""
+        # The review diff is the whole difference from pristine, the own modules included as new files.
+        review = tree_diff(pristine, root) if assembled else ""
         if review:
             scratch = Path(tmp) / "pristine"
             _copy_package(pristine, scratch)
@@ -482,9 +593,20 @@ def check(root: Path) -> list[str]:
     return problems
 
 
+def _added_files(patch: PatchFile) -> list[str]:
+    """The files a patch creates (its sections from /dev/null)."""
+    added = []
+    for path, section in patch.sections.items():
+        head = section.split("\n@@", 1)[0]  # the section's header lines, before its first hunk
+        if re.search(r"(?m)^(new file mode |--- /dev/null)", head):
+            added.append(path)
+    return added
+
+
 def review_diff(root: Path) -> str:
+    """The whole difference of src/transformers from pristine: the patches' changes, the own modules as new files."""
     pristine = fetch(root)
-    if not (root / PACKAGE_DIR).is_dir():
+    if not _is_assembled(root, own_modules(root)):
         raise PatchQueueError("src/transformers is not assembled; run `make assemble`")
     return tree_diff(pristine, root)
 
@@ -538,11 +660,17 @@ def refresh(root: Path, into: str | None = None, new: str | None = None) -> list
         tmp = Path(tmp)
         stage = tmp / "assembled"
         stage_series(pristine, [p for p in patches if p.sections], stage)
-        edited = changed_files(stage, root)
+        own = own_modules(root)
+        edited = changed_files(stage, root, skip=own)  # own modules are git's to keep, never a patch's
         if not edited:
             return report
         touched: dict[str, list[int]] = {}
         for path in edited:
+            if not (stage / path).exists():
+                raise PatchQueueError(
+                    f"{path} is a new file, and no patch adds a new file: make it an own module of the fork, "
+                    f"un-ignored by a `!/{path}` line in .gitignore and tracked by git (README, layout)"
+                )
             owners = [i for i, p in enumerate(patches) if path in p.sections]
             if into:
                 target = names.index(into)
@@ -574,7 +702,7 @@ def refresh(root: Path, into: str | None = None, new: str | None = None) -> list
             report.append(f"{patch.name}: refreshed {', '.join(touched[patch.name])}")
     if new:
         _atomic_write(root / "patches" / "series", "".join(n + "\n" for n in _series_lines(root, new)))
-    _write_stamp(root, _series_digest(pin, load_series(root)))
+    _write_stamp(root, _series_digest(pin, load_series(root)), own_modules(root))
     return report
 
 
@@ -591,13 +719,18 @@ def _series_lines(root: Path, appended: str) -> list[str]:
 def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> tuple[bool, list[ApplyResult]]:
     """Re-apply the series on another release. On success (and not dry_run) move the pin and regenerate the patches."""
     old_pin = Pin.load(root)
-    if (root / PACKAGE_DIR).is_dir():
-        edits = _edited_since_assembly(root, _read_stamp(root))
+    own = own_modules(root)
+    if _is_assembled(root, own):
+        edits = _edited_since_assembly(root, _read_stamp(root), own)
         if edits is None or edits:
             raise PatchQueueError("src/transformers has unrefreshed edits (or no assembly stamp): `make refresh` first")
     new_pin = Pin(package=old_pin.package, version=version, sha256=sha256.lower())
     patches = load_series(root)
     pristine = fetch(root, new_pin)
+    # Found after the pin moved, a collision would stop the re-assembly half way; the own modules stay as they are.
+    collisions = _collisions(own, pristine)
+    if collisions:
+        raise PatchQueueError("\n".join(collisions) + f"\nNothing changed; the pin stays at {old_pin.version}.")
     results = []
     regenerated = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -627,6 +760,27 @@ def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> tupl
         new_pin.save(root)
         assemble(root, force=True, quiet=True)
     return ok, results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# clean
+
+
+def clean(root: Path) -> None:
+    """Remove the assembled files of src/transformers and the assembly stamp; the own modules stay where they are."""
+    package = root / PACKAGE_DIR
+    if package.is_dir():
+        keep = {root / path for path in own_modules(root)}
+        for dirpath, dirnames, filenames in os.walk(package, topdown=False):
+            for name in filenames:
+                if Path(dirpath) / name not in keep:
+                    os.unlink(Path(dirpath) / name)
+            for name in dirnames:
+                if not any((Path(dirpath) / name).iterdir()):
+                    (Path(dirpath) / name).rmdir()
+        if not any(package.iterdir()):
+            package.rmdir()
+    _stamp_path(root).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -667,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version")
     p.add_argument("sha256")
     p.add_argument("--dry-run", action="store_true", help="report only; change neither the pin nor the patches")
+    sub.add_parser("clean", help="remove the assembled files of src/transformers (the own modules stay)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
 
@@ -681,7 +836,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"patchq check: {problem}", file=sys.stderr)
             if problems:
                 return 1
-            print(f"patchq check: OK ({len(read_series(root))} patches apply exactly; no unrefreshed edits)")
+            print(
+                f"patchq check: OK ({len(read_series(root))} patches apply exactly; no unrefreshed edits; "
+                f"own modules: {len(own_modules(root))})"
+            )
         elif args.command == "diff":
             sys.stdout.write(review_diff(root))
         elif args.command == "refresh":
@@ -699,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"patchq rebase: the series applies onto {args.version} (dry run; pin stays at {old})")
             else:
                 print(f"patchq rebase: moved from {old} to {args.version}; patches regenerated, src/transformers reassembled")
+        elif args.command == "clean":
+            clean(root)
     except PatchQueueError as e:
         print(f"patchq {args.command}: error: {e}", file=sys.stderr)
         return 2
