@@ -2,7 +2,8 @@
 
 `pip install -e .` on a fresh clone fetches the release pinned in upstream.toml (with pip, by package name, checked by
 sha256), applies patches/series to make src/transformers, and installs it in editable mode, so `import transformers`
-resolves into this checkout. The version is the release's plus the fork's local label (patches/0001-*).
+resolves into this checkout. The version is the release's plus the fork's local label
+(patches/*-fork-version-label.patch).
 """
 
 import re

@@ -10,7 +10,7 @@ batch 4 rows of 128 structured tokens per rank, the same rows on the same rank a
 DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
 
 - `D` ours:    ZeRO-3 registered (HfDeepSpeedConfig) before `from_pretrained(..., DistributedConfig(ep_size=2))`: each
-               rank loads its experts, tagged for DeepSpeed (patch 0005); then `deepspeed.initialize`.
+               rank loads its experts, tagged for DeepSpeed (patch 0003); then `deepspeed.initialize`.
 - `B` ZeRO-3:  the same registration, no distributed config: upstream's `zero.Init` path, experts partitioned over all
                ranks like every other weight and gathered whole for each forward and backward.
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,

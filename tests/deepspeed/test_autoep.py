@@ -1,4 +1,4 @@
-"""DeepSpeed's own expert parallelism (AutoEP) under ZeRO-3 runs with the fork (patch 0008) and trains correctly:
+"""DeepSpeed's own expert parallelism (AutoEP) under ZeRO-3 runs with the fork (patch 0007) and trains correctly:
 the alternative users compare the fork's EP with."""
 
 import shutil

@@ -150,6 +150,35 @@ class EPZero3LoadTest(unittest.TestCase):
             self.assert_rank_holds_its_shard(report, reference, ep_size=2)
             self.assertFalse(report["fsdp_managed"])
 
+    def test_model_loaded_before_the_deepspeed_config_keeps_its_decision(self):
+        """`DistributedConfig(ep_size=2, fsdp_size=2)` loaded before `TrainingArguments(deepspeed=...)` exists: FSDP2
+        shards the model and nothing is handed over to DeepSpeed. Later gates ask the model, not the ZeRO-3 config
+        registered since: `save_pretrained` takes upstream's distributed save (a complete checkpoint), and a Trainer
+        with DeepSpeed refuses the model on every rank, saying what to do."""
+        saved = self.tmp / "saved-before-deepspeed"
+        results = self.launch_load("qwen3_moe", "--mode", "plain", "--ep-size", "2", "--fsdp-size", "2",
+                                   "--deepspeed-after-load", saved, launcher="torchrun").check().results()
+        for rank, report in results.items():
+            self.assertFalse(report["zero3"])
+            self.assertTrue(report["has_ep"])
+            self.assertTrue(report["fsdp_managed"])
+            after = report["after_load"]
+            self.assertTrue(after["zero3_after_load"], "TrainingArguments registered no ZeRO-3: the test proves nothing")
+            self.assertFalse(after["ep_under_zero3_after_load"], f"rank {rank}")
+            self.assertFalse(after["handed_over"], f"rank {rank}")
+            self.assertIsNone(after["save_error"], f"rank {rank}")
+            self.assertIn("while no DeepSpeed ZeRO-3 config was registered", after["trainer_error"] or "",
+                          f"rank {rank}: {after['trainer_error']}")
+            self.assertIn("before `from_pretrained`", after["trainer_error"])
+
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+        reference = reference_state_dict(self.checkpoints["qwen3_moe"])
+        self.assertEqual(set(reloaded), set(reference))
+        for name, tensor in reference.items():
+            self.assertTrue(torch.equal(reloaded[name], tensor), f"{name} differs by {max_abs_diff(reloaded[name], tensor)}")
+
     def test_deprecated_enable_expert_parallel_shards_over_all_ranks(self):
         results = self.launch_load("qwen3_moe", "--enable-expert-parallel").check().results()
         reference = reference_state_dict(self.checkpoints["qwen3_moe"])

@@ -1,14 +1,24 @@
-"""`DistributedConfig` and the EP-under-ZeRO-3 decision point, in one process (no launcher needed)."""
+"""`DistributedConfig` and the EP-under-ZeRO-3 decision point, in one process (no launcher needed).
+
+The decision is taken from the `DistributedConfig` while a model is loaded and recorded on the model; a model answers
+with that record afterwards, whatever DeepSpeed config is registered since (the 2-rank case of a model loaded before
+`TrainingArguments(deepspeed=...)` is in tests/deepspeed/test_ep_zero3_load.py)."""
 
 import os
 import unittest
 from unittest import mock
 
+import torch
 from parameterized import parameterized
 
 from transformers.distributed import DistributedConfig
 from transformers.integrations import HfDeepSpeedConfig
-from transformers.integrations.deepspeed import is_expert_parallel_under_zero3, unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.integrations.deepspeed_expert_parallel import (
+    check_model_handed_over_to_deepspeed,
+    is_expert_parallel_under_zero3,
+    loads_with_zero3,
+)
 
 
 def zero_config(stage: int) -> dict:
@@ -63,3 +73,43 @@ class DistributedConfigUnderDeepSpeedTest(unittest.TestCase):
         self.assertTrue(is_expert_parallel_under_zero3(config))
         with self.world(2):
             self.assertFalse(is_expert_parallel_under_zero3(DistributedConfig(tp_size=2)))
+
+    def test_a_model_answers_with_the_decision_recorded_at_load(self):
+        keep = HfDeepSpeedConfig(zero_config(3))  # noqa: F841
+        model = torch.nn.Linear(2, 2)
+        self.assertFalse(is_expert_parallel_under_zero3(model), "nothing recorded: not loaded with EP under ZeRO-3")
+        self.assertTrue(loads_with_zero3(model))
+        self.assertFalse(loads_with_zero3(model, is_quantized=True))
+        model._expert_parallel_under_zero3 = True  # what `maybe_distribute_model` records
+        self.assertTrue(is_expert_parallel_under_zero3(model))
+        self.assertFalse(loads_with_zero3(model))
+        unset_hf_deepspeed_config()
+        self.assertTrue(is_expert_parallel_under_zero3(model), "the record answers, not the DeepSpeed config now")
+
+    def test_wrapper_forwarding_attribute_lookups_answers_for_its_model(self):
+        class Wrapper(torch.nn.Module):  # as PEFT's models forward look-ups to the model they wrap
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def __getattr__(self, name):
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(self.model, name)
+
+        model = torch.nn.Linear(2, 2)
+        model._expert_parallel_under_zero3 = True
+        self.assertTrue(is_expert_parallel_under_zero3(Wrapper(model)))
+
+    def test_trainer_refuses_an_expert_parallel_model_deepspeed_does_not_own(self):
+        class ExpertParallelModel(torch.nn.Linear):
+            has_ep = True
+
+        keep = HfDeepSpeedConfig(zero_config(3))  # noqa: F841 (registered after the load: changes nothing)
+        model = ExpertParallelModel(2, 2)
+        with self.assertRaisesRegex(ValueError, r"while no DeepSpeed ZeRO-3 config was registered.*before `from_pretrained`"):
+            check_model_handed_over_to_deepspeed(model)
+        model._expert_parallel_under_zero3 = True
+        check_model_handed_over_to_deepspeed(model)
+        check_model_handed_over_to_deepspeed(torch.nn.Linear(2, 2))  # no expert parallelism: nothing to refuse

@@ -1,4 +1,5 @@
-"""Random-access advice for checkpoint files that a rank of a sharded load reads only part of (patch 0005).
+"""Random-access advice for checkpoint files that a rank of a sharded load reads only part of (patch 0010, own module
+utils/sharded_read_advice.py; `from_pretrained` calls it through the names it imports into modeling_utils).
 
 What it changes on disk (bytes read per rank) is measured by `make bench-load`; here, in one process: the advice
 reaches the mapping safetensors reads through, slices read the same values, and single-process loads take no advice.
@@ -49,7 +50,7 @@ class ShardedReadAdviceTest(unittest.TestCase):
 
     def test_mapping_gets_random_access_advice(self):
         handle = safe_open(self.path, framework="pt", device="cpu", backend="mmap")
-        self.assertTrue(vm_flags_of_mappings(self.path), "safetensors no longer maps the file: revisit patch 0005")
+        self.assertTrue(vm_flags_of_mappings(self.path), "safetensors no longer maps the file: revisit patch 0010")
         self.assertFalse(any("rr" in flags for flags in vm_flags_of_mappings(self.path)))
         self.assertTrue(modeling_utils._advise_random_access(self.path))
         self.assertTrue(all("rr" in flags for flags in vm_flags_of_mappings(self.path)))

@@ -15,7 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class InstallTest(unittest.TestCase):
     def test_import_resolves_into_this_checkout_with_the_fork_version(self):
         self.assertEqual(Path(transformers.__file__).resolve(), REPO_ROOT / "src" / "transformers" / "__init__.py")
-        label = re.search(r'__version__ \+= "\+(ep\.\d+)"', (REPO_ROOT / "patches" / "0001-fork-version-label.patch").read_text())
+        (patch,) = (REPO_ROOT / "patches").glob("*-fork-version-label.patch")
+        label = re.search(r'__version__ \+= "\+(ep\.\d+)"', patch.read_text())
         self.assertEqual(transformers.__version__, f"5.24.0+{label.group(1)}")
         self.assertEqual(importlib.metadata.version("transformers"), transformers.__version__)
 

@@ -22,6 +22,10 @@ OWN_MODULE = "src/transformers/integrations/deepspeed_shard_on_read.py"  # a mod
 sys.path.insert(0, str(REPO_ROOT / "utils"))
 import patchq  # noqa: E402
 
+OWN_MODULES = set(patchq.own_modules(REPO_ROOT))
+# The patch that touches only `src/transformers/__init__.py` (the fork's version label): where an edit there goes.
+(VERSION_LABEL_PATCH,) = [name for name in patchq.read_series(REPO_ROOT) if name.endswith("-fork-version-label.patch")]
+
 
 def run_patchq(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EPFORK_CACHE_DIR": str(SHARED_CACHE)}
@@ -103,7 +107,7 @@ class PatchQueueTest(ScratchRepoTestCase):
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("checksum mismatch", proc.stderr)
         self.assertIn("0" * 64, proc.stderr)
-        self.assertFalse(patchq._package_files(root) - {OWN_MODULE}, "nothing assembled from an unverified release")
+        self.assertFalse(patchq._package_files(root) - OWN_MODULES, "nothing assembled from an unverified release")
 
     def test_failed_fetch_stops_with_clear_message(self):
         root = self.scratch_repo()
@@ -131,7 +135,7 @@ class PatchQueueTest(ScratchRepoTestCase):
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("0999-broken.patch", proc.stderr)
         self.assertIn("hunk #1 of src/transformers/activations.py", proc.stderr)
-        self.assertFalse(patchq._package_files(root) - {OWN_MODULE}, "nothing may be assembled from a broken series")
+        self.assertFalse(patchq._package_files(root) - OWN_MODULES, "nothing may be assembled from a broken series")
 
     def test_unrefreshed_edit_is_detected_then_refreshed_into_its_patch(self):
         root = self.scratch_repo()
@@ -153,9 +157,9 @@ class PatchQueueTest(ScratchRepoTestCase):
 
         proc = run_patchq(root, "refresh")
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn("0001-fork-version-label.patch: refreshed src/transformers/__init__.py", proc.stdout)
-        self.assertIn("+# an edit made while developing", (root / "patches" / "0001-fork-version-label.patch").read_text())
-        self.assertIn("Description:", (root / "patches" / "0001-fork-version-label.patch").read_text())
+        self.assertIn(f"{VERSION_LABEL_PATCH}: refreshed src/transformers/__init__.py", proc.stdout)
+        self.assertIn("+# an edit made while developing", (root / "patches" / VERSION_LABEL_PATCH).read_text())
+        self.assertIn("Description:", (root / "patches" / VERSION_LABEL_PATCH).read_text())
         self.assertEqual(run_patchq(root, "check").returncode, 0)
 
     def test_edit_to_a_file_no_patch_touches_needs_a_patch_name(self):
@@ -166,12 +170,12 @@ class PatchQueueTest(ScratchRepoTestCase):
         proc = run_patchq(root, "refresh")
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("no patch touches it yet", proc.stderr)
-        proc = run_patchq(root, "refresh", "--new", "0002-new-concern")
+        proc = run_patchq(root, "refresh", "--new", "0999-new-concern")
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn("0002-new-concern.patch", (root / "patches" / "series").read_text())
+        self.assertIn("0999-new-concern.patch", (root / "patches" / "series").read_text())
         # A new patch starts with a header to fill in; check insists on it.
         proc = run_patchq(root, "check")
-        self.assertIn("0002-new-concern.patch: header field 'Description:' is missing or TODO", proc.stderr)
+        self.assertIn("0999-new-concern.patch: header field 'Description:' is missing or TODO", proc.stderr)
 
 
 class OwnModuleTest(ScratchRepoTestCase):
@@ -215,7 +219,7 @@ class OwnModuleTest(ScratchRepoTestCase):
         self.edit_own_module(root)
         proc = run_patchq(root, "check")
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn("own modules: 1", proc.stdout)
+        self.assertIn(f"own modules: {len(OWN_MODULES)}", proc.stdout)
 
     def test_patch_that_adds_a_file_is_reported_by_check(self):
         root = self.scratch_repo()
@@ -256,12 +260,12 @@ class OwnModuleTest(ScratchRepoTestCase):
         proc = run_patchq(root, "refresh")
 
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertEqual(proc.stdout.strip(), "0001-fork-version-label.patch: refreshed src/transformers/__init__.py")
+        self.assertEqual(proc.stdout.strip(), f"{VERSION_LABEL_PATCH}: refreshed src/transformers/__init__.py")
         patches_after = {p.name: p.read_text() for p in (root / "patches").iterdir()}
         self.assertEqual(patches_after.keys(), patches_before.keys())
         for name, text in patches_after.items():
             self.assertNotIn(OWN_MODULE, "".join(patchq.PatchFile.read(root / "patches" / name).sections))
-            if name != "0001-fork-version-label.patch":
+            if name != VERSION_LABEL_PATCH:
                 self.assertEqual(text, patches_before[name])
         self.assertEqual((root / OWN_MODULE).read_text(), edited)
 
@@ -318,7 +322,7 @@ class OwnModuleTest(ScratchRepoTestCase):
             self.assertTrue((root / "src" / "transformers" / "__init__.py").is_file())
             self.assertEqual(run_patchq(root, "check").returncode, 0)
             self.assertEqual(run_patchq(root, "clean").returncode, 0)
-            self.assertEqual(patchq._package_files(root), {OWN_MODULE})
+            self.assertEqual(patchq._package_files(root), OWN_MODULES)
             self.assertEqual((root / OWN_MODULE).read_text(), own)
 
 
@@ -363,7 +367,7 @@ class RebaseTest(unittest.TestCase):
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("0900-conflict.patch: CONFLICT", proc.stdout)
         self.assertRegex(proc.stdout, r"hunk #1 of src/transformers/__init__.py does not apply \(at line \d+\)")
-        self.assertIn("0001-fork-version-label.patch: applied", proc.stdout)
+        self.assertIn(f"{VERSION_LABEL_PATCH}: applied", proc.stdout)
         self.assertIn("the pin stays at 5.24.0", proc.stderr)
         self.assertEqual((self.root / "upstream.toml").read_text(), before)
         self.assertEqual({p.name: p.read_text() for p in (self.root / "patches").iterdir()}, patches_before)

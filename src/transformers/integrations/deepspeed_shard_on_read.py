@@ -478,7 +478,7 @@ def load_zero3_partitions_on_read(model, state_dict, checkpoint_files, load_conf
     rank = torch.distributed.get_rank()
     if agreed == 2:
         # Every rank gets here: each raises its own error, or one naming the ranks that failed and why.
-        from .deepspeed import _raise_on_every_rank_if_any_failed
+        from .deepspeed_expert_parallel import _raise_on_every_rank_if_any_failed
 
         _raise_on_every_rank_if_any_failed(error if status == 2 else None, "DeepSpeed ZeRO-3 shard-on-read load")
     if agreed == 1:

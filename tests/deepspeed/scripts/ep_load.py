@@ -4,7 +4,9 @@ Modes (``--mode``):
 - ``accelerate``: started by ``accelerate launch`` with a DeepSpeed ZeRO-3 config; an ``Accelerator`` registers the
   DeepSpeed config with transformers before ``from_pretrained``, as in a user's training script.
 - ``hf_deepspeed_config``: started by ``torchrun``; registers ZeRO-3 in process with ``HfDeepSpeedConfig``.
-- ``plain``: started by ``torchrun`` without DeepSpeed (EP only, or a reference).
+- ``plain``: started by ``torchrun`` without DeepSpeed (EP only, or a reference). With ``--deepspeed-after-load`` a
+  ZeRO-3 config is registered after the load, by ``TrainingArguments(deepspeed=...)``: the model, laid out for FSDP2,
+  must not be taken for one handed over to DeepSpeed (saved with ``save_pretrained``, refused by the ``Trainer``).
 
 The test process compares the returned tensors with the checkpoint: nothing is asserted here, so that a wrong load is
 reported with numbers rather than as a crash.
@@ -34,6 +36,8 @@ def parse_args():
     parser.add_argument("--save-config", default=None, help="rank 0 saves the loaded model's config here")
     parser.add_argument("--tp-size", type=int, default=None)
     parser.add_argument("--pp-size", type=int, default=None)
+    parser.add_argument("--deepspeed-after-load", default=None, metavar="SAVE_DIR",
+                        help="plain mode: register ZeRO-3 after the load, then save into SAVE_DIR and build a Trainer")
     parser.add_argument("--die-while-loading", action="store_true",
                         help="rank 1 is killed (SIGKILL) when it opens its first checkpoint file")
     return parser.parse_args()
@@ -72,6 +76,47 @@ def kill_rank1_when_it_opens_a_checkpoint_file():
         return real_safe_open(*args, **kwargs)
 
     transformers.modeling_utils.safe_open = safe_open
+
+
+def deepspeed_registered_after_load(model, save_dir):
+    """`TrainingArguments(deepspeed=...)` created after a load without DeepSpeed: what the model and its gates say then."""
+    from accelerate import PartialState
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed_expert_parallel import is_expert_parallel_under_zero3
+
+    from tests.fork_utils.worker import backend
+
+    if backend() == "gloo":
+        # As in ep_train.py: accelerate's DeepSpeed state must reuse the gloo process group on CPU.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+    args = TrainingArguments(
+        output_dir=os.path.join(save_dir, "trainer"),
+        deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3},
+                   "zero_allow_untested_optimizer": True},
+        save_strategy="no",
+        report_to="none",
+        accelerator_config={"use_configured_state": backend() == "gloo"},
+    )
+    report = {
+        "zero3_after_load": is_deepspeed_zero3_enabled(),
+        "ep_under_zero3_after_load": is_expert_parallel_under_zero3(model),
+        "handed_over": hasattr(model, "_expert_parallel_layout"),
+    }
+    try:
+        model.save_pretrained(save_dir)
+        report["save_error"] = None
+    except Exception as e:
+        report["save_error"] = f"{type(e).__name__}: {e}"
+    dist.barrier()
+    try:
+        Trainer(model=model, args=args)
+        report["trainer_error"] = None
+    except Exception as e:
+        report["trainer_error"] = f"{type(e).__name__}: {e}"
+    return report
 
 
 def local_tensor(param):
@@ -142,6 +187,8 @@ def main():
     }
     if args.forward:
         report["forward"] = forward_on_own_batch(model)
+    if args.deepspeed_after_load:
+        report["after_load"] = deepspeed_registered_after_load(model, args.deepspeed_after_load)
     if args.save_config and rank() == 0:
         model.config.save_pretrained(args.save_config)
         with open(f"{args.save_config}/config.json") as f:

@@ -76,11 +76,11 @@ def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
 
 def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
     """Make rank 0's shard writes raise after `count` shards, as a full disk would, or kill rank 0 there."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import deepspeed_expert_parallel_save as ep_save
 
     if rank() != 0:
         return
-    shard_file, started = hf_deepspeed._StreamedSafetensorsFile, []
+    shard_file, started = ep_save._StreamedSafetensorsFile, []
 
     class FailingShardFile(shard_file):
         def __init__(self, path, *args, **kwargs):
@@ -91,7 +91,7 @@ def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
             started.append(path)
             super().__init__(path, *args, **kwargs)
 
-    hf_deepspeed._StreamedSafetensorsFile = FailingShardFile
+    ep_save._StreamedSafetensorsFile = FailingShardFile
 
 
 def deepspeed_config(args) -> dict:
@@ -282,9 +282,9 @@ def main():
         if args.kill_save_after_shards is not None:
             fail_rank0_shard_writes_after(args.kill_save_after_shards, kill=True)
         if args.convert_whole_shards:
-            from transformers.integrations import deepspeed as hf_deepspeed
+            from transformers.integrations import deepspeed_expert_parallel_save as ep_save
 
-            hf_deepspeed._plan_streamed_shard = lambda *args: None
+            ep_save._plan_streamed_shard = lambda *args: None
         try:
             model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
         except Exception as e:

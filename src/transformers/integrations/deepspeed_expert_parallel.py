@@ -1,0 +1,353 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Expert parallelism under DeepSpeed ZeRO-3: transformers shards the experts at load, DeepSpeed runs data parallelism.
+
+A model loaded with `DistributedConfig(ep_size > 1)` while a DeepSpeed ZeRO-3 config is registered (`accelerate
+launch`, `TrainingArguments(deepspeed=...)`, `HfDeepSpeedConfig`) does not take ZeRO-3's load path (`zero.Init`, rank 0
+reading the checkpoint): it is built on the meta device and each rank reads only its own experts through the standard
+loader, weight conversions included. `from_pretrained` then hands it over to DeepSpeed, which takes it in
+`deepspeed.initialize` (directly, through `Accelerator.prepare`, or through the `Trainer`).
+
+- The decision, taken once: `is_expert_parallel_under_zero3` answers from the `DistributedConfig` while the model does
+  not exist yet; `maybe_distribute_model` records the answer on the model (`model._expert_parallel_under_zero3`), and
+  every later gate (load, hand-over, Trainer, save) asks the model, not the DeepSpeed config registered at that time. A
+  model loaded before the DeepSpeed config existed (FSDP2 applied, never handed over) is never taken for one.
+  `loads_with_zero3` is the gate of ZeRO-3's own load path.
+- Data parallelism is DeepSpeed's, over all ranks (`zero3_data_parallel_size`): of the expert-parallel plan only the
+  rules that place the experts apply (`_expert_rules_for_zero3`), and FSDP2 is not applied.
+- The hand-over: `prepare_expert_parallel_model_for_deepspeed` tags the experts as DeepSpeed AutoEP tags its own.
+- Refusals, alike on every rank and before any collective that could hang: DeepSpeed settings
+  (`check_expert_parallel_deepspeed_support`), quantized models (`check_expert_parallel_quantization_support`),
+  adapters on expert weights (`_refuse_adapters_on_experts`), and a `Trainer` with DeepSpeed given an expert-parallel
+  model that DeepSpeed does not own (`check_model_handed_over_to_deepspeed`).
+- Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
+  exchange their errors (`errors_raised_on_every_rank`), so that none is left waiting in the next collective.
+"""
+
+import contextlib
+import os
+from typing import NamedTuple
+
+from ..utils import is_torch_available, logging
+from .deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+
+if is_torch_available():
+    import torch
+    from torch import nn
+
+
+logger = logging.get_logger(__name__)
+
+
+def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
+    """
+    Whether DeepSpeed ZeRO-3 runs data parallelism while transformers shards the experts itself (expert parallelism).
+
+    Expert parallelism places each rank's experts at load time, so such a model does not take the ZeRO-3 loading path:
+    it is created on the meta device instead of under `deepspeed.zero.Init` (which would partition every parameter,
+    experts included, over all ranks), and each rank reads only its own shard through the standard loader, weight
+    conversions included. DeepSpeed takes over the loaded model afterwards. Models without expert parallelism keep the
+    ZeRO-3 path.
+
+    Args:
+        model_or_distributed_config (`PreTrainedModel`, `DistributedConfig` or `None`):
+            The `DistributedConfig` a model is loaded with, for the decisions taken before the model exists: whether
+            ZeRO-3 is enabled now and `ep_size > 1`. Or a model (or a wrapper that forwards attribute look-ups to it,
+            such as PEFT's): what was decided for it when it was distributed at load (`maybe_distribute_model` records
+            it), whatever DeepSpeed config has been registered since.
+    """
+    from ..distributed.configuration_utils import DistributedConfig
+
+    if model_or_distributed_config is None:
+        return False
+    if isinstance(model_or_distributed_config, DistributedConfig):
+        return is_deepspeed_zero3_enabled() and model_or_distributed_config.ep_size > 1
+    return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
+
+
+def loads_with_zero3(model_or_distributed_config, is_quantized: bool = False) -> bool:
+    """
+    The gate of DeepSpeed ZeRO-3's own load path in `from_pretrained` (`zero.Init`, the checkpoint loaded into the
+    partitions, a device map refused): ZeRO-3 is enabled, the model is not quantized, and transformers does not shard
+    its experts (`is_expert_parallel_under_zero3`, which takes the model or its `DistributedConfig`).
+    """
+    return (
+        is_deepspeed_zero3_enabled()
+        and not is_quantized
+        and not is_expert_parallel_under_zero3(model_or_distributed_config)
+    )
+
+
+def zero3_data_parallel_size(distributed_config) -> int:
+    """
+    The data-parallel (`fsdp`) size of a `DistributedConfig` that does not set it. Under DeepSpeed ZeRO-3, DeepSpeed
+    runs data parallelism over all ranks, each with its own batch, and transformers only shards the experts. The ranks
+    left over by tp and pp are then the data-parallel (`fsdp`) axis of the dense mesh, on which FSDP2 is not applied
+    (see `maybe_distribute_model`), and the experts are laid out `efsdp x ep` with EP groups of consecutive ranks, as
+    DeepSpeed lays out its expert and expert-data-parallel groups. Otherwise the size is left as it is.
+    """
+    if not is_expert_parallel_under_zero3(distributed_config):
+        return distributed_config.fsdp_size
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    c = distributed_config
+    return max(1, world_size // (c.dp_replicate_size * c.tp_size * c.pp_size))
+
+
+_EXPERT_PARALLEL_STYLES = frozenset({"grouped_gemm", "ep_dispatch_experts"})
+
+
+def _expert_rules_for_zero3(ep_plan: dict[str, str]) -> dict[str, str]:
+    """
+    The rules of an expert-parallel plan that apply under DeepSpeed ZeRO-3: those that place the experts.
+
+    Some plans also shard dense layers over the EP group with tensor-parallel styles, e.g. Gemma 4's dense MLP
+    (`colwise` / `rowwise`) or Muse Spark's `post_expert_norm` (`replicated_with_grad_allreduce`): tensor parallelism
+    over the EP group, which assumes that its ranks hold the same batch. Under DeepSpeed ZeRO-3 every rank holds its own
+    batch, and DeepSpeed partitions the dense weights itself (only experts sharded on their first dimension can be
+    handed over to it, see `prepare_expert_parallel_model_for_deepspeed`). Those rules are dropped: the layers stay
+    whole on every rank, as without expert parallelism, and DeepSpeed partitions them with the other dense weights.
+    """
+    dropped = {name: style for name, style in ep_plan.items() if style not in _EXPERT_PARALLEL_STYLES}
+    if dropped:
+        styles = sorted(set(dropped.values()))
+        logger.info(
+            f"DeepSpeed ZeRO-3 partitions the dense weights: the expert-parallel plan's {len(dropped)} rules with "
+            f"the styles {styles} are not applied (e.g. {next(iter(dropped))})."
+        )
+    return {name: style for name, style in ep_plan.items() if style in _EXPERT_PARALLEL_STYLES}
+
+
+def check_expert_parallel_deepspeed_support(distributed_config):
+    """
+    Refuse the DeepSpeed settings that would train an expert-parallel model silently wrong, when a DeepSpeed config is
+    registered (`Accelerator`, `TrainingArguments(deepspeed=...)` or `HfDeepSpeedConfig` created). DeepSpeed validates
+    them only for its own MoE layers (`_validate_zero3_moe_compatibility` returns early without them), not for experts
+    that transformers sharded. The configs are the same on every rank, so every rank raises, before anything is built.
+
+    - ZeRO stages 1 and 2 reduce the gradients of expert parameters (`allreduce=False`) only within the optimizer's MoE
+      parameter groups, which DeepSpeed builds for its own MoE layers only: they fail at the first backward.
+    - With tensor parallelism, DeepSpeed's expert groups are laid out differently from transformers' expert mesh, and
+      pipeline or replicated data parallelism are not run by DeepSpeed here.
+    - Sequence parallelism, quantized gradients (whose all-to-all reduction ignores the experts' own partition group),
+      hpZ and MiCS (secondary or custom partition groups), and DeepSpeed's own AutoEP or AutoTP on top.
+    """
+    ds_config = deepspeed_config()
+    if ds_config is None or distributed_config.ep_size <= 1:
+        return
+    prefix = "Expert parallelism (`DistributedConfig(ep_size > 1)`) under DeepSpeed"
+    if not is_deepspeed_zero3_enabled():
+        raise NotImplementedError(
+            f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}."
+        )
+    unsupported = []
+    if distributed_config.tp_size > 1:
+        unsupported.append(f"tensor parallelism (`tp_size={distributed_config.tp_size}`)")
+    if distributed_config.pp_size > 1:
+        unsupported.append(f"pipeline parallelism (`pp_size={distributed_config.pp_size}`)")
+    if distributed_config.dp_replicate_size > 1:
+        unsupported.append(f"replicated data parallelism (`dp_replicate_size={distributed_config.dp_replicate_size}`)")
+    if (sp_size := ds_config.get("sequence_parallel_size", 1)) not in (1, "auto"):
+        unsupported.append(f"sequence parallelism (`sequence_parallel_size={sp_size}`)")
+    if ds_config.get("expert_parallel", {}).get("enabled", False):
+        unsupported.append("DeepSpeed AutoEP (`expert_parallel.enabled`), the experts being already sharded")
+    if (autotp_size := ds_config.get("tensor_parallel", {}).get("autotp_size", 1)) not in (0, 1, "auto"):
+        unsupported.append(f"DeepSpeed AutoTP (`tensor_parallel.autotp_size={autotp_size}`)")
+    zero_config = ds_config.get("zero_optimization", {})
+    if zero_config.get("zero_quantized_gradients", False):
+        unsupported.append("quantized gradients (`zero_optimization.zero_quantized_gradients`)")
+    if (hpz_size := zero_config.get("zero_hpz_partition_size", 1)) not in (1, "auto"):
+        unsupported.append(f"hpZ (`zero_optimization.zero_hpz_partition_size={hpz_size}`)")
+    if (mics_size := zero_config.get("mics_shard_size", -1)) not in (-1, 0, "auto"):
+        unsupported.append(f"MiCS (`zero_optimization.mics_shard_size={mics_size}`)")
+    if unsupported:
+        raise NotImplementedError(f"{prefix} ZeRO-3 does not support " + "; ".join(unsupported) + ".")
+
+
+def check_expert_parallel_quantization_support(hf_quantizer, distributed_config):
+    """
+    Refuse quantized models for expert parallelism under DeepSpeed ZeRO-3, before anything is loaded: DeepSpeed would
+    partition and train their packed or frozen weights as if they were the model's. A pre-quantized checkpoint
+    dequantized while loading is fine.
+    """
+    stays_quantized = hf_quantizer is not None and not (
+        hf_quantizer.pre_quantized and getattr(hf_quantizer.quantization_config, "dequantize", False)
+    )
+    if stays_quantized and is_expert_parallel_under_zero3(distributed_config):
+        quant_method = hf_quantizer.quantization_config.quant_method
+        raise NotImplementedError(
+            "Expert parallelism under DeepSpeed ZeRO-3 does not support quantized models "
+            f"(`quantization_config` with quant_method={getattr(quant_method, 'value', quant_method)}). Load the "
+            "model without `quantization_config`, or dequantize a pre-quantized checkpoint while loading (e.g. "
+            "`Mxfp4Config(dequantize=True)`)."
+        )
+
+
+class ExpertShardLayout(NamedTuple):
+    """
+    Where the local tensor of an expert parameter sits in the full one, recorded by
+    `prepare_expert_parallel_model_for_deepspeed` when it replaces the expert DTensors with local parameters: the full
+    tensor is the concatenation along `shard_dim` of the local tensors of the `ep_size` ranks of the expert-parallel
+    group, in the order of their `ep_rank`.
+    """
+
+    global_shape: tuple[int, ...]
+    shard_dim: int
+    ep_rank: int
+    ep_size: int
+
+
+def prepare_expert_parallel_model_for_deepspeed(model):
+    """
+    Hand a model whose experts transformers sharded at load time (expert parallelism) over to DeepSpeed ZeRO-3, which
+    then runs data parallelism over all ranks: dense parameters are partitioned and their gradients averaged over all
+    ranks, expert parameters only over the ranks that hold the same experts (the expert-data-parallel group). Called
+    once at the end of `from_pretrained` when `is_expert_parallel_under_zero3(model)`, so the model can go to
+    `deepspeed.initialize` directly, through `Accelerator.prepare`, or through the `Trainer`.
+
+    It tags the experts the way DeepSpeed AutoEP tags its own, which is what makes ZeRO-3 keep and reduce them per
+    expert group (DeepSpeed does not do it itself: only its own MoE modules set `engine.has_moe_layers`):
+
+    1. The expert `DTensor` parameters (`Shard(0)` on the expert-parallel mesh) become plain local parameters, which
+       `deepspeed.initialize` can partition; the EP forward only swaps `DTensor`s for their local tensors, so it runs on
+       them unchanged. Their layout is kept in `model._expert_parallel_layout` (see `ExpertShardLayout`) for saving.
+    2. DeepSpeed's expert and expert-data-parallel groups (`ep_size_{ep_size}`) are created, and checked to hold the
+       same ranks as transformers' `ep` and `efsdp` mesh groups.
+    3. Each expert parameter gets `allreduce=False` and `group_name` (so `deepspeed.initialize` broadcasts it only within
+       its expert-data-parallel group, not rank 0's experts to every rank), `ds_zero_partition_process_group` (ZeRO-3
+       partitions, gathers and reduce-scatters it within that group), and `ds_zero_placement_family="autoep_expert"`
+       with `ds_zero_partition_group_name` (its gradient is averaged over all ranks, and its norm summed over the
+       expert-parallel group). Dense parameters are left as they are.
+    """
+    import deepspeed
+    from deepspeed.utils import groups
+    from torch.distributed import get_process_group_ranks
+    from torch.distributed.tensor import DTensor, Shard
+
+    distributed_config = model.config.distributed_config
+    # Already checked when the `DistributedConfig` was built, unless that was before the DeepSpeed config was registered.
+    check_expert_parallel_deepspeed_support(distributed_config)
+
+    ep_size = distributed_config.ep_size
+    ep_mesh, edp_mesh = model._mesh_manager.get_mesh("ep"), model._mesh_manager.get_mesh("efsdp")
+    expert_params = {name: param for name, param in model.named_parameters() if isinstance(param, DTensor)}
+    for name, param in expert_params.items():
+        if param.device_mesh.mesh_dim_names != ("ep",) or tuple(param.placements) != (Shard(0),):
+            raise NotImplementedError(
+                f"`{name}` is sharded as {param.placements} on the mesh {param.device_mesh.mesh_dim_names}: only experts "
+                "sharded on their first dimension over the expert-parallel mesh can be handed over to DeepSpeed."
+            )
+
+    # The torch process group is already initialized (the mesh was built at load): DeepSpeed's comm layer wraps it.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    # Private DeepSpeed API, the one its engine calls for AutoEP; the alternative is re-implementing its group
+    # bookkeeping. It does nothing when the groups exist. Its layout for tp = pp = 1 (consecutive expert-parallel
+    # groups, strided expert-data-parallel groups) is transformers' row-major `efsdp x ep` expert mesh.
+    groups._create_expert_and_data_parallel(ep_size)
+    group_name = f"ep_size_{ep_size}"
+    expected = (get_process_group_ranks(ep_mesh.get_group()), get_process_group_ranks(edp_mesh.get_group()))
+    actual = (
+        list(groups._get_expert_parallel_group_ranks(group_name)),
+        list(groups._get_expert_data_parallel_group_ranks(group_name)),
+    )
+    if expected != actual:
+        raise RuntimeError(
+            f"DeepSpeed's expert / expert-data-parallel groups {actual} differ from the model's `ep` / `efsdp` mesh "
+            f"groups {expected}."
+        )
+    expert_data_parallel_group = groups._get_expert_data_parallel_group(group_name)
+
+    modules = dict(model.named_modules())
+    layout = {}
+    for name, param in expert_params.items():
+        module_name, _, param_name = name.rpartition(".")
+        local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
+        local.allreduce = False
+        local.group_name = group_name
+        local.ds_zero_placement_family = "autoep_expert"
+        local.ds_zero_partition_group_name = group_name
+        # Not set by the engine, which only resolves placements for its own MoE modules.
+        local.ds_zero_partition_process_group = expert_data_parallel_group
+        modules[module_name]._parameters[param_name] = local
+        layout[name] = ExpertShardLayout(tuple(param.shape), 0, ep_mesh.get_local_rank(), ep_size)
+    model._expert_parallel_layout = layout
+    for module_name in {name.rpartition(".")[0] for name in expert_params}:
+        modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
+
+
+def _refuse_adapters_on_experts(experts, args):
+    """
+    Forward pre-hook of the expert modules handed over to DeepSpeed. An adapter on their weights (PEFT LoRA with
+    `target_parameters`, applied as a parametrization during the forward) would be built for this rank's experts only,
+    and DeepSpeed would treat it as a dense parameter: averaged over every rank, mixing different experts' updates, and
+    saved as one rank's. Raised on every rank alike, at the first forward, before any step.
+    """
+    if torch.nn.utils.parametrize.is_parametrized(experts):
+        raise NotImplementedError(
+            "Adapters on expert weights (e.g. PEFT LoRA with `target_parameters` on the experts) are not supported "
+            "with expert parallelism under DeepSpeed ZeRO-3: each rank holds only its experts. Put the adapters on "
+            "the attention or dense layers (`target_modules`, e.g. q_proj, v_proj), or load the model without "
+            "expert parallelism (no `distributed_config`) to train adapters on the experts under ZeRO-3."
+        )
+
+
+def check_model_handed_over_to_deepspeed(model):
+    """
+    Refuse, when a `Trainer` with DeepSpeed is built, a model whose experts transformers sharded at load time but that
+    was not handed over to DeepSpeed ZeRO-3: loaded with `DistributedConfig(ep_size > 1)` before the DeepSpeed config
+    was registered (e.g. before `TrainingArguments(deepspeed=...)` was created), so laid out for FSDP2 instead, which
+    DeepSpeed cannot wrap: the Trainer would build no DeepSpeed engine and fail at the first backward. Decided by what
+    was recorded on the model at load (`is_expert_parallel_under_zero3(model)`), not by the DeepSpeed config now.
+    """
+    if getattr(model, "has_ep", False) and not is_expert_parallel_under_zero3(model):
+        raise ValueError(
+            "This model was loaded with expert parallelism (`DistributedConfig(ep_size > 1)`) while no DeepSpeed "
+            "ZeRO-3 config was registered, so it was laid out for FSDP2 rather than handed over to DeepSpeed, which "
+            "cannot take it now. Create the `TrainingArguments(deepspeed=...)` (or, under `accelerate launch` with a "
+            "ZeRO-3 config, the `Accelerator`) before `from_pretrained`, or train without DeepSpeed."
+        )
+
+
+def _raise_on_every_rank_if_any_failed(error, action):
+    """
+    Share each rank's error (a collective, so every rank must call it): an error on one rank, e.g. rank 0 failing to
+    write a file, is then raised on every rank, instead of leaving the others waiting in the next collective.
+    """
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = {rank: message for rank, message in enumerate(errors) if message is not None}
+    if failed:
+        details = "\n".join(f"rank {rank}: {message}" for rank, message in failed.items())
+        raise RuntimeError(f"{action} failed on rank(s) {sorted(failed)} (details in their output):\n{details}")
+
+
+@contextlib.contextmanager
+def errors_raised_on_every_rank(action, enabled=True):
+    """
+    Around a step that may fail on some ranks only (e.g. each rank reading its own experts of a broken checkpoint): an
+    error on any rank is raised on every rank when the step ends (`_raise_on_every_rank_if_any_failed`). A no-op
+    unless `enabled`.
+    """
+    error = None
+    try:
+        yield
+    except Exception as e:
+        if not enabled:
+            raise
+        error = e
+    if enabled:
+        _raise_on_every_rank_if_any_failed(error, action)

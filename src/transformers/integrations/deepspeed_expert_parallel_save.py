@@ -1,0 +1,617 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Saving a model with expert parallelism under DeepSpeed ZeRO-3 as one standard checkpoint, every expert included.
+
+Each rank holds only its experts (see `deepspeed_expert_parallel`), and DeepSpeed partitions them over the ranks that
+hold the same experts: every save path of upstream and of the ecosystem saw one rank's experts as the whole tensor.
+
+- `save_expert_parallel_model_under_zero3` is `save_pretrained` for such a model, on every rank, before or after
+  `deepspeed.initialize`: the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their ZeRO-3
+  partitions, then experts across the expert-parallel group) and streamed by global rank 0 into safetensors shards
+  whose headers are planned up front (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion
+  reverted tensor by tensor, the freed memory handed back after each large tensor (`_release_freed_memory`). Given the
+  whole `state_dict` (accelerate's ZeRO-3 save), rank 0 writes it through the same writer.
+- Writes are atomic: staged in a hidden directory inside the target, `config.json` last, synced, then moved in file by
+  file (`_commit_staged_checkpoint`); the next save removes what a killed one staged (`_remove_killed_saves`). Each step
+  that writes ends with an exchange of every rank's error.
+- DeepSpeed's 16-bit consolidation (`engine._zero3_consolidated_16bit_state_dict`, behind `accelerator.get_state_dict`,
+  `accelerator.save_model`, `engine.save_16bit_model` and the Trainer's save of adapters) gathers the experts of such
+  models too (`gather_experts_in_deepspeed_consolidation`).
+- The Trainer's saves are checked when it is built (`check_trainer_can_save_expert_parallel_model`).
+"""
+
+import collections
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import uuid
+from functools import wraps
+
+from ..utils import is_torch_available, logging
+from .deepspeed_expert_parallel import _raise_on_every_rank_if_any_failed
+
+
+if is_torch_available():
+    import torch
+    from torch import nn
+
+
+logger = logging.get_logger(__name__)
+
+
+def _gather_expert_parallel_tensor(tensor, layout, ep_group, writer_in_ep_group):
+    """
+    The full value of one parameter or buffer of an expert-parallel model under ZeRO-3, on CPU on global rank 0, `None`
+    on the other ranks. A collective: every rank calls it for the same tensor, in the same order.
+
+    ZeRO-3 partitions dense parameters over all ranks and expert parameters over their expert-data-parallel group;
+    `GatheredParameters` assembles each over its own group (a no-op for buffers, and before `deepspeed.initialize`). An
+    expert parameter then holds this rank's experts only (see `ExpertShardLayout`): the expert-parallel group of rank 0
+    gathers them on rank 0 into the full tensor. The other expert-parallel groups hold copies of the same experts.
+    """
+    import deepspeed
+
+    is_writer = torch.distributed.get_rank() == 0
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        local = tensor.data
+        if layout is None:
+            return local.to("cpu", copy=True) if is_writer else None
+        if not writer_in_ep_group:
+            return None
+        full = parts = None
+        if is_writer:
+            full = torch.empty(layout.global_shape, dtype=local.dtype, device=local.device)
+            # Gathered into views of `full`, in expert-parallel rank order: no second copy of the parameter.
+            parts = list(full.chunk(layout.ep_size, dim=layout.shard_dim))
+        torch.distributed.gather(local.contiguous(), parts, dst=0, group=ep_group)
+        return full.to("cpu") if is_writer else None
+
+
+def _expert_parallel_models_in(module):
+    """
+    The expert-parallel models under ZeRO-3 that `module` is or wraps (e.g. a PEFT model around one). Their own
+    attribute, not `getattr`: wrappers such as PEFT's forward attribute look-ups to the model they wrap.
+    """
+    return [m for m in module.modules() if vars(m).get("_expert_parallel_layout") is not None]
+
+
+def gather_expert_parallel_state_dict_under_zero3(module, exclude_frozen_parameters=False):
+    """
+    DeepSpeed's ZeRO-3 16-bit consolidation (`engine._zero3_consolidated_16bit_state_dict`, behind
+    `accelerator.get_state_dict`, `accelerator.save_model`, `engine.save_16bit_model` and the Trainer's save of
+    adapters) for a module that is or wraps an expert-parallel model under ZeRO-3: on global rank 0 the whole state
+    dict, keys and shapes as `module.state_dict()` of the same model on a single process, every expert included; `None`
+    on the other ranks. A collective: every rank must call it.
+
+    DeepSpeed's own consolidation gathers each parameter over its ZeRO group only, which for experts is the
+    expert-data-parallel group: it would return rank 0's experts as if they were all of them. Here each tensor goes
+    through `_gather_expert_parallel_tensor`, one at a time, tied tensors once.
+    """
+    (model,) = _expert_parallel_models_in(module)
+    layouts = {id(param): model._expert_parallel_layout.get(name) for name, param in model.named_parameters()}
+    ep_group = model._mesh_manager.get_mesh("ep").get_group()
+    writer_in_ep_group = 0 in torch.distributed.get_process_group_ranks(ep_group)
+    is_writer = torch.distributed.get_rank() == 0
+    state_dict, gathered = collections.OrderedDict(), {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if exclude_frozen_parameters and isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            continue
+        if id(tensor) not in gathered:
+            layout = layouts.get(id(tensor))
+            gathered[id(tensor)] = _gather_expert_parallel_tensor(tensor, layout, ep_group, writer_in_ep_group)
+        if is_writer:
+            state_dict[name] = gathered[id(tensor)]
+    if not exclude_frozen_parameters:
+        # Read by the `save_pretrained` call that follows on the ranks without it (`_state_dict_sent_to_rank_0`)
+        model._whole_state_dict_sent_to_rank_0 = True
+    return state_dict if is_writer else None
+
+
+def _state_dict_sent_to_rank_0(model):
+    """
+    Whether the last save-related collective on `model` gathered its whole state dict onto rank 0 (and forget it).
+    accelerate's ZeRO-3 save, `save_pretrained(dir, state_dict=accelerator.get_state_dict(model),
+    is_main_process=...)` on every rank, calls `save_pretrained` without a state dict on the other ranks, exactly as the
+    Trainer and users call it for the gathering save on every rank: this record tells the two apart.
+    """
+    sent = getattr(model, "_whole_state_dict_sent_to_rank_0", False)
+    model._whole_state_dict_sent_to_rank_0 = False
+    return sent
+
+
+def check_trainer_can_save_expert_parallel_model(args):
+    """
+    The Trainer's saves of an expert-parallel model under ZeRO-3 gather the weights onto global rank 0, which writes:
+    refuse, when the Trainer is built (on every rank, before training), the options that would have another rank write.
+    """
+    nodes = args.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+    if args.save_on_each_node and nodes > 1:
+        raise NotImplementedError(
+            f"`save_on_each_node=True` with {nodes} nodes is not supported with expert parallelism under DeepSpeed "
+            "ZeRO-3: the weights are gathered onto global rank 0 only, and the other nodes would write incomplete "
+            "checkpoints. Save to a file system that every node sees (`save_on_each_node=False`), then copy the "
+            "checkpoint to each node's disk."
+        )
+
+
+def _consolidate_expert_parallel_models_too(engine_class):
+    """
+    Make `engine_class._zero3_consolidated_16bit_state_dict` gather the experts of expert-parallel models across their
+    expert-parallel group (`gather_expert_parallel_state_dict_under_zero3`); other models keep DeepSpeed's own. Done
+    once, when the first such model is handed over to DeepSpeed: accelerate, the Trainer and users call this engine
+    method, which DeepSpeed builds after the model, so the model cannot bring its own.
+    """
+    consolidate = engine_class._zero3_consolidated_16bit_state_dict
+    if getattr(consolidate, "gathers_expert_parallel_models", False):
+        return
+
+    @wraps(consolidate)
+    def consolidate_with_experts(engine, exclude_frozen_parameters=False):
+        if not _expert_parallel_models_in(engine.module):
+            return consolidate(engine, exclude_frozen_parameters=exclude_frozen_parameters)
+        # What DeepSpeed's consolidation does around its gathers, e.g. for NVMe-offloaded optimizer states
+        if engine._optimizer_has_ckpt_event_prologue():
+            engine.optimizer.checkpoint_event_prologue()
+        state_dict = gather_expert_parallel_state_dict_under_zero3(engine.module, exclude_frozen_parameters)
+        if engine._optimizer_has_ckpt_event_epilogue():
+            engine.optimizer.checkpoint_event_epilogue()
+        return state_dict
+
+    consolidate_with_experts.gathers_expert_parallel_models = True
+    engine_class._zero3_consolidated_16bit_state_dict = consolidate_with_experts
+
+
+def gather_experts_in_deepspeed_consolidation():
+    """
+    Called when a model is handed over to DeepSpeed (`prepare_expert_parallel_model_for_deepspeed`): from then on,
+    DeepSpeed's 16-bit consolidation gathers the experts of expert-parallel models across their expert-parallel group
+    (`_consolidate_expert_parallel_models_too`).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _consolidate_expert_parallel_models_too(DeepSpeedEngine)
+
+
+def check_expert_parallel_state_dict_is_whole(model, state_dict):
+    """
+    `save_pretrained(state_dict=...)` of an expert-parallel model under ZeRO-3 writes the tensors it is given: refuse a
+    state dict that holds one rank's experts or ZeRO-3 partitions (e.g. `model.state_dict()`) instead of the whole
+    model, which would make a checkpoint that fails at reload.
+    """
+    layout = model._expert_parallel_layout
+    for name, param in model.named_parameters():
+        tensor = state_dict.get(name)
+        expected = layout[name].global_shape if name in layout else tuple(getattr(param, "ds_shape", param.shape))
+        if tensor is not None and tuple(tensor.shape) != tuple(expected):
+            raise ValueError(
+                f"`state_dict[{name!r}]` has the shape {tuple(tensor.shape)}, not the model's {tuple(expected)}: it "
+                "holds this rank's share of an expert-parallel model under DeepSpeed ZeRO-3, not the whole tensor. "
+                "Pass `accelerator.get_state_dict(model)` (or the DeepSpeed engine's "
+                "`_zero3_consolidated_16bit_state_dict()`), or call `save_pretrained` on every rank without "
+                "`state_dict`: both gather every expert."
+            )
+
+
+class _StreamedSafetensorsFile:
+    """
+    A safetensors file written one tensor at a time, in the standard format: its header (names, dtypes, shapes,
+    offsets) is written first, from meta tensors, so the writer never holds more than the tensor being written.
+    """
+
+    _DTYPES = {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
+
+    def __init__(self, path, meta_tensors, metadata):
+        self.entries, position = {}, 0
+        for name, meta in meta_tensors.items():
+            size = meta.numel() * meta.element_size()
+            offsets = [position, position + size]
+            self.entries[name] = {"dtype": self._DTYPES[meta.dtype], "shape": list(meta.shape), "data_offsets": offsets}
+            position += size
+        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        self.data_start = 8 + len(header)
+        self.written = set()
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(header)) + header)
+
+    def write(self, name, tensor):
+        entry = self.entries[name]
+        if list(tensor.shape) != entry["shape"] or self._DTYPES[tensor.dtype] != entry["dtype"]:
+            raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {entry}")
+        self.file.seek(self.data_start + entry["data_offsets"][0])
+        self.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.written.add(name)
+
+    def finish(self):
+        if missing := set(self.entries) - self.written:
+            raise RuntimeError(f"Tensors planned but not written: {sorted(missing)}")
+        self.file.close()
+
+
+_malloc_trim = None
+
+
+def _release_freed_memory():
+    """
+    Hand the memory of freed tensors back to the OS (glibc only). Gathering one full tensor after another, each freed
+    before the next, still made resident memory grow by about the model's size over a save: glibc keeps such freed
+    blocks mapped once its mmap threshold has grown to their size.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+def _plan_streamed_shard(revert, meta_state_dict, names, whole):
+    """
+    The tensors (keys in the original layout, meta tensors, in file order) of one shard whose every tensor can be
+    converted back on its own, as it is gathered; `whole` is the shard's meta tensors converted together. `None` when
+    a conversion needs several tensors at once: the shard is then collected and converted whole.
+    """
+    metas = {}
+    for name in names:
+        try:
+            converted = revert({name: meta_state_dict[name]})
+        except Exception:
+            return None
+        for key, meta in converted.items():
+            if key in metas or key not in whole or whole[key].shape != meta.shape or whole[key].dtype != meta.dtype:
+                return None
+            metas[key] = meta
+    return metas if len(metas) == len(whole) else None
+
+
+_STAGING_PREFIX = ".save-in-progress-"
+
+
+def _staging_directory_name():
+    """
+    A save stages its files in a hidden directory inside the target, named after the host and process, so that a later
+    save on the same host can tell the leftovers of a killed one (`_remove_killed_saves`).
+    """
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    return f"{_STAGING_PREFIX}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_killed_saves(directory):
+    """
+    Remove the staging directories in `directory` that saves on this host left when they were killed midway (their
+    process is gone). They never load (`config.json` is staged last), but they take disk space.
+    """
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+    pattern = re.compile(re.escape(f"{_STAGING_PREFIX}{host}-") + r"(\d+)-[0-9a-f]{8}")
+    for entry in os.scandir(directory):
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # a save in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        logger.info(f"Removing {entry.path}, left by a save into {directory} that was interrupted")
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _commit_staged_checkpoint(staging, directory, is_previous_weights):
+    """
+    Move the complete checkpoint staged in `staging` (a directory inside `directory`, so on the same file system) into
+    `directory`, file by file with atomic renames: this works where the directory itself cannot be replaced, e.g. the
+    root of a mounted volume, or a directory whose parent is not writable. Files of `directory` that the save does not
+    write (tokenizer, training state) stay, as with `save_pretrained`; the previous weights (`is_previous_weights`)
+    that the new ones do not replace are removed.
+
+    A checkpoint is complete when its `config.json` is there: the previous one loses it first, the new one gets it
+    last, so a save killed while moving files leaves a directory that does not load, never a mix that does.
+    """
+    staged = set(os.listdir(staging))
+    for name in ("config.json", *sorted(e for e in os.listdir(directory) if is_previous_weights(e) and e not in staged)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
+    _fsync(directory)
+    # Weights first, then the index and other files, `config.json` last
+    for name in sorted(staged, key=lambda name: (name == "config.json", not name.endswith(".safetensors"), name)):
+        os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    _fsync(directory)
+    os.rmdir(staging)
+
+
+def _refuse_unsupported_save_options(model, push_to_hub, distributed_checkpoint):
+    """Raised alike on every rank, before any collective; each message says what to do instead."""
+    instead = {
+        "`push_to_hub`": "save, then upload the directory (`huggingface_hub.upload_folder`, or the Trainer's "
+        "`push_to_hub`)",
+        "`distributed_checkpoint`": "use the DeepSpeed engine's `save_checkpoint` to checkpoint training",
+        "transformers adapters": "use PEFT (`get_peft_model`) and the Trainer, or save the adapter state dict "
+        "gathered by `accelerator.get_state_dict(model)`",
+        "quantization": "save the model before quantizing it",
+    }
+    used = {
+        "`push_to_hub`": push_to_hub,
+        "`distributed_checkpoint`": distributed_checkpoint,
+        "transformers adapters": getattr(model, "_hf_peft_config_loaded", False),
+        "quantization": getattr(model, "hf_quantizer", None) is not None,
+    }
+    if any(used.values()):
+        raise NotImplementedError(
+            "Saving a model with expert parallelism under DeepSpeed ZeRO-3 does not support "
+            + "; ".join(f"{name} ({instead[name]})" for name, on in used.items() if on)
+            + "."
+        )
+
+
+def _meta_state_dict(model, tensors, full_shape):
+    """The tensors to save as meta tensors of their full shape (`full_shape(name, tensor)`), tied copies removed."""
+    from ..modeling_utils import remove_tied_weights_from_state_dict
+
+    meta = {name: torch.empty(full_shape(name, t), dtype=t.dtype, device="meta") for name, t in tensors.items()}
+    return remove_tied_weights_from_state_dict(meta, model)
+
+
+def save_expert_parallel_model_under_zero3(
+    model,
+    save_directory,
+    is_main_process=True,
+    state_dict=None,
+    push_to_hub=False,
+    max_shard_size="50GB",
+    variant=None,
+    save_original_format=True,
+    distributed_checkpoint=False,
+):
+    """
+    `save_pretrained` for a model whose experts transformers sharded (expert parallelism) and DeepSpeed ZeRO-3
+    partitions (see `prepare_expert_parallel_model_for_deepspeed`), before or after `deepspeed.initialize`. It writes
+    one standard checkpoint, every expert in the original key layout, as `save_pretrained` does for the model loaded on
+    a single process, in one of two ways:
+
+    - without `state_dict`, on every rank (a collective): the parameters are gathered one at a time
+      (`_gather_expert_parallel_tensor`: dense ones over their ZeRO-3 partitions, experts across the expert-parallel
+      group) and streamed into the safetensors shards by global rank 0, which holds one parameter at a time (one shard
+      where a conversion needs several parameters at once), the other ranks at most one parameter. The
+      distributed-config gather of `save_pretrained` cannot do this: it sees one rank's experts as the whole tensor.
+    - with the whole `state_dict` (accelerate's ZeRO-3 save: `accelerator.get_state_dict(model)`, gathered on rank 0 by
+      `gather_expert_parallel_state_dict_under_zero3`), on the main rank 0 alone, as `save_pretrained` writes a state
+      dict. The other ranks, called without it, do nothing (`_state_dict_sent_to_rank_0`).
+
+    Both write the same way:
+    1. The shards are planned from the full shapes and dtypes alone (meta tensors), the same plan on every rank. The
+       reverse weight conversion (`revert_weight_conversion`) is then applied shard by shard; the plan is checked up
+       front to give the same keys as converting the whole state dict at once.
+    2. The writer converts each tensor back to the original layout and writes it into the current shard
+       (`_StreamedSafetensorsFile`), then writes the index, the generation config and the config (`distributed_config`
+       is not serialized).
+    3. Everything is staged in a hidden directory inside `save_directory`, `config.json` last, synced, then moved in
+       file by file (`_commit_staged_checkpoint`): a save that fails or is killed while writing leaves the previous
+       checkpoint as it was; no incomplete checkpoint loads. The next save removes what a killed one staged.
+    In the collective save, each step that writes ends by sharing its errors with every rank
+    (`_raise_on_every_rank_if_any_failed`), which then all raise instead of waiting for rank 0 in the next gather.
+    """
+    import torch.distributed as dist
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from ..core_model_loading import revert_weight_conversion
+    from ..dynamic_module_utils import custom_object_save
+    from ..modeling_utils import _add_variant
+    from ..utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    _refuse_unsupported_save_options(model, push_to_hub, distributed_checkpoint)
+    sent_to_rank_0 = _state_dict_sent_to_rank_0(model)
+    collective = state_dict is None
+    if not collective and not (is_main_process and dist.get_rank() == 0):
+        return  # as `save_pretrained`: the main process, rank 0, writes a state dict passed in
+    if collective and sent_to_rank_0 and not is_main_process:
+        # A rank without the state dict in accelerate's ZeRO-3 save: rank 0 writes what it was sent
+        return
+
+    layout = model._expert_parallel_layout
+    ignored = set(model._keys_to_ignore_on_save or [])
+    if collective:
+        ep_group = model._mesh_manager.get_mesh("ep").get_group()
+        writer_in_ep_group = 0 in dist.get_process_group_ranks(ep_group)
+        tensors = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in ignored}
+        # The partitioned shape of ZeRO-3 parameters is `ds_shape`, the full one of experts is in their layout.
+        meta_state_dict = _meta_state_dict(
+            model,
+            tensors,
+            lambda name, t: layout[name].global_shape if name in layout else getattr(t, "ds_shape", t.shape),
+        )
+
+        def fetch(name):
+            return _gather_expert_parallel_tensor(tensors[name], layout.get(name), ep_group, writer_in_ep_group)
+
+        exchange_errors = _raise_on_every_rank_if_any_failed
+    else:
+        check_expert_parallel_state_dict_is_whole(model, state_dict)
+        tensors = {name: t for name, t in state_dict.items() if name not in ignored}
+        meta_state_dict = _meta_state_dict(model, tensors, lambda name, t: t.shape)
+        fetch = tensors.get
+
+        def exchange_errors(error, action):
+            if error is not None:
+                raise error
+
+    # 1. The plan
+    weights_name = _add_variant(SAFE_WEIGHTS_NAME, variant)
+    split = split_torch_state_dict_into_shards(
+        meta_state_dict,
+        filename_pattern=weights_name.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size,
+    )
+
+    def revert(shard_state_dict):
+        return revert_weight_conversion(model, shard_state_dict) if save_original_format else shard_state_dict
+
+    # A conversion needing tensors from two shards would fail, or silently lose keys, on one shard alone.
+    whole = revert(dict(meta_state_dict))
+    try:
+        by_shard = [
+            revert({name: meta_state_dict[name] for name in names}) for names in split.filename_to_tensors.values()
+        ]
+        conversion_error = None
+    except Exception as e:
+        by_shard, conversion_error = [], e
+    if (
+        conversion_error is not None
+        or sorted(key for converted in by_shard for key in converted) != sorted(whole)
+        or any(converted[key].shape != whole[key].shape for converted in by_shard for key in converted)
+    ):
+        raise RuntimeError(
+            "Some weights are converted back to the original checkpoint format from several weights that fall in "
+            "different shard files. Try another `max_shard_size`, or set `save_original_format=False`."
+        ) from conversion_error
+    del whole
+
+    # The dtype and architecture recorded in the config, as `save_pretrained` does.
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [model.__class__.__name__]
+
+    if collective:
+        # Rank 0 writes, unless it is not the main process (`is_main_process`).
+        writes = [is_main_process]
+        dist.broadcast_object_list(writes, src=0)
+        if not writes[0]:
+            return
+    is_writer = dist.get_rank() == 0
+    directory = os.path.realpath(save_directory)
+    index_name = _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+    previous_weights = re.compile(
+        re.escape(weights_name).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
+    )
+    staging = error = None
+    try:
+        if is_writer:
+            try:
+                if os.path.isfile(directory):
+                    raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+                os.makedirs(directory, exist_ok=True)
+                _remove_killed_saves(directory)
+                staging = os.path.join(directory, _staging_directory_name())
+                os.mkdir(staging)
+            except Exception as e:
+                error = e
+        exchange_errors(error, f"Saving the model (creating a directory in {save_directory})")
+
+        # 2. One shard at a time, one tensor at a time: rank 0 converts each tensor back and writes it as soon as it
+        # is gathered, unless a conversion needs several tensors of the shard (then it converts the shard whole).
+        weight_map = {}
+        for (shard_file, names), converted in zip(split.filename_to_tensors.items(), by_shard):
+            shard, streamed, plan = {}, None, None
+            if is_writer:
+                try:
+                    plan = _plan_streamed_shard(revert, meta_state_dict, names, converted)
+                    if plan is not None:
+                        streamed = _StreamedSafetensorsFile(
+                            os.path.join(staging, shard_file), plan, metadata={"format": "pt"}
+                        )
+                except Exception as e:
+                    error = e
+            for name in names:
+                # A writer that failed still takes part in every gather, as the other ranks do
+                tensor = fetch(name)
+                if is_writer and error is None and streamed is None:
+                    shard[name] = tensor
+                elif is_writer and error is None:
+                    try:
+                        for key, value in revert({name: tensor}).items():
+                            streamed.write(key, value)
+                    except Exception as e:
+                        error = e
+                del tensor
+                if collective and meta_state_dict[name].nbytes >= 1 << 20:
+                    _release_freed_memory()
+            if is_writer and error is None:
+                try:
+                    if streamed is not None:
+                        streamed.finish()
+                        weight_map.update(dict.fromkeys(plan, shard_file))
+                    else:
+                        shard = revert(shard)
+                        save_file(
+                            {key: value.contiguous() for key, value in shard.items()},
+                            os.path.join(staging, shard_file),
+                            metadata={"format": "pt"},
+                        )
+                        weight_map.update(dict.fromkeys(shard, shard_file))
+                except Exception as e:
+                    error = e
+            if streamed is not None:
+                streamed.file.close()
+            del shard
+            exchange_errors(error, f"Saving the model (writing {shard_file})")
+
+        # 3. The index and configs, then the staged checkpoint replaces the previous one.
+        if is_writer:
+            try:
+                if split.is_sharded:
+                    parameter_names = {name for name, _ in model.named_parameters()}
+                    total_parameters = sum(t.numel() for name, t in meta_state_dict.items() if name in parameter_names)
+                    index = {"metadata": {"total_parameters": total_parameters, **split.metadata}}
+                    index["weight_map"] = weight_map
+                    with open(os.path.join(staging, index_name), "w", encoding="utf-8") as f:
+                        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                if model.is_remote_code():
+                    custom_object_save(model, staging, config=model.config)
+                if model.can_generate():
+                    model.generation_config.save_pretrained(staging)
+                # Last: a directory without `config.json` does not load.
+                model.config.save_pretrained(staging)
+                # On disk before they are moved in, so that the moved-in checkpoint is complete after a crash too.
+                for entry in os.scandir(staging):
+                    if entry.is_file():
+                        _fsync(entry.path)
+                _commit_staged_checkpoint(
+                    staging, directory, lambda entry: entry == index_name or previous_weights.fullmatch(entry)
+                )
+            except Exception as e:
+                error = e
+        exchange_errors(error, f"Saving the model (moving it into {save_directory})")
+    finally:
+        if staging is not None and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)

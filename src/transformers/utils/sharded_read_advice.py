@@ -1,0 +1,101 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Random-access advice for the checkpoint files that a rank of a sharded load reads only part of.
+
+With a device mesh (expert, tensor or FSDP shard-on-read, expert parallelism under DeepSpeed ZeRO-3 included) each rank
+takes only its slices of each safetensors file, but every rank pulled the whole checkpoint from disk: safetensors maps
+the whole file for the `mmap` backend, through a descriptor that torch advised `POSIX_FADV_SEQUENTIAL` and closed, so
+each page fault reads twice the device's read-ahead around it, and the experts of different ranks interleave in the file
+(keys sort e0, e1, e10, ..., e2, ...). For a sharded load with the mmap backend, `from_pretrained` gives the file's
+mappings `MADV_RANDOM` (`_advise_random_access`) and reads each slice it takes ahead, exactly its bytes, with
+`MADV_WILLNEED` (`_RandomAccessSlice`). The proper home for this is safetensors (an access-pattern option for
+`safe_open`); until it has one, it stays here.
+"""
+
+import functools
+import mmap
+import os
+import sys
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_madvise():
+    import ctypes
+
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on [address, address + length), widened to whole pages; best effort (it is only advice)."""
+    start = address - address % mmap.PAGESIZE
+    _libc_madvise()(start, address + length - start, advice)
+
+
+def _advise_random_access(checkpoint_file: str) -> bool:
+    """Give random-access advice to this process's mappings of a safetensors file it reads only part of.
+
+    A rank of a sharded load (expert, tensor or FSDP shard-on-read) takes only its slices of each file. safetensors
+    maps the whole file for the `mmap` backend, through a file descriptor that torch advised `POSIX_FADV_SEQUENTIAL`
+    and closed, so every page fault reads around it twice the device's read-ahead (16 MB for `read_ahead_kb=8192`):
+    with the experts of different ranks interleaved in the file (keys sort e0, e1, e10, ..., e2, ...), each rank
+    pulled the whole checkpoint from disk. `posix_fadvise(POSIX_FADV_RANDOM)` on a descriptor of our own does not
+    change that read-ahead, which belongs to the closed one; `madvise(MADV_RANDOM)` on the mapping does. Slices are
+    then read ahead exactly, see `_RandomAccessSlice`. Returns whether a mapping of the file was found (Linux only).
+    """
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_RANDOM"):
+        return False
+    stat = os.stat(checkpoint_file)
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}"
+    found = False
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) >= 5 and fields[4] == str(stat.st_ino) and fields[3] == device:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    _madvise(start, end - start, mmap.MADV_RANDOM)
+                    found = True
+    except OSError:
+        return False
+    return found
+
+
+class _RandomAccessSlice:
+    """A safetensors slice of a file mapped with random-access advice (`_advise_random_access`). The kernel no longer
+    reads ahead around page faults there, so a tensor taken out of the slice is read ahead here, exactly its bytes
+    (`MADV_WILLNEED`), instead of one 4 KB read per page fault."""
+
+    def __init__(self, safe_slice):
+        self._slice = safe_slice
+
+    def __getitem__(self, index):
+        tensor = self._slice[index]
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel():
+            if tensor.is_contiguous():
+                length = tensor.nbytes
+            else:  # a strided view (e.g. sharded along an inner dim) spans from its first to its last element
+                length = (sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
+            _madvise(tensor.data_ptr(), length, mmap.MADV_WILLNEED)
+        return tensor
+
+    def get_shape(self):
+        return self._slice.get_shape()
+
+    def get_dtype(self):
+        return self._slice.get_dtype()
