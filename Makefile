@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 # One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help install assemble check diff refresh rebase test test-fast demo bench-load bench-load-dense bench-save \
-	bench-train sweep-families clean
+.PHONY: help install assemble check diff refresh rebase pr-series test test-fast demo bench-load bench-load-dense \
+	bench-save bench-train sweep-families clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -24,6 +24,7 @@ help:
 	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
 	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
+	@echo "make pr-series the patches proposed upstream as a git format-patch series + PR.md in build/pr-series/"
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
 	@echo "make bench-save  2-rank CPU save benchmark: EP + ZeRO-3 save_pretrained vs single process (BENCH_ARGS=...)"
@@ -59,6 +60,11 @@ refresh:
 rebase:
 	@test -n "$(VERSION)" -a -n "$(SHA256)" || { echo "usage: make rebase VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]"; exit 2; }
 	$(PATCHQ) rebase $(VERSION) $(SHA256) $(if $(DRY_RUN),--dry-run)
+
+# The patches proposed upstream (`Forwardable: yes`) and the own modules they use, as a `git format-patch` series with a
+# PR description (build/pr-series/), checked with `git am` on the pristine release. AUTHOR="Name <email>" (default: git's).
+pr-series:
+	$(PATCHQ) pr-series $(if $(AUTHOR),--author "$(AUTHOR)")
 
 test: install
 	$(PATCHQ) assemble --quiet

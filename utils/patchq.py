@@ -18,6 +18,8 @@ Commands (the Makefile wraps each one):
     diff      print the review diff of src/transformers against pristine (paths relative to the upstream repo root)
     refresh   write the edits made in src/transformers back into the patches (one patch per concern)
     rebase    move the series onto another release, reporting per patch: applied, applied with offset/fuzz, conflicts
+    pr-series export the patches proposed upstream (`Forwardable: yes`) and the own modules they use as a
+              `git format-patch` series with a PR description, checked with `git am` on the pristine release
     clean     remove the assembled files of src/transformers (the own modules stay)
 
 Only the standard library is used: this runs inside `pip install -e .` before anything else is installed.
@@ -45,6 +47,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = Path("src") / "transformers"  # relative to the repo root, and to the upstream sdist root alike
 DIFF_HEADER = "diff --git "
 REQUIRED_HEADER_FIELDS = ("Description", "Forwarded")
+# Not a DEP-3 field (DEP-3 `Forwarded:` says where a patch *was* sent): whether the patch belongs to the series this
+# fork proposes upstream, `yes`, or `no (why)`. Absent means no. The proposed patches come first in the series.
+FORWARDABLE_FIELD = "Forwardable"
+PR_SERIES_DIR = Path("build") / "pr-series"
+PR_DESCRIPTION = Path("patches") / "pr-description.md"  # title (first line) and summary of the proposed series
 
 
 class PatchQueueError(Exception):
@@ -564,6 +571,7 @@ def check(root: Path) -> list[str]:
                 f"{patch.name}: adds the new file {path}; no patch adds a new file; put it at its place under "
                 "src/transformers as an own module (README, layout)"
             )
+    problems += _forwardable_problems(patches)
 
     pristine = fetch(root, pin)
     own = own_modules(root)
@@ -590,6 +598,30 @@ def check(root: Path) -> list[str]:
             proc = subprocess.run(["git", "apply", "--check", "-"], cwd=scratch, input=review, capture_output=True, text=True)
             if proc.returncode != 0:
                 problems.append(f"the review diff does not pass `git apply --check` on pristine:\n{proc.stderr}")
+    return problems
+
+
+def is_forwardable(patch: PatchFile) -> bool:
+    """Whether the patch belongs to the series proposed upstream (`Forwardable: yes`)."""
+    return patch.header_fields().get(FORWARDABLE_FIELD, "no").split(" ")[0].lower() == "yes"
+
+
+def _forwardable_problems(patches: list[PatchFile]) -> list[str]:
+    """`Forwardable:` is `yes` or `no (why)`, and the proposed patches come before the fork's own."""
+    problems = []
+    for patch in patches:
+        value = patch.header_fields().get(FORWARDABLE_FIELD)
+        if value is not None and value.split(" ")[0].lower() not in ("yes", "no"):
+            problems.append(f"{patch.name}: '{FORWARDABLE_FIELD}: {value}' must be `yes` or `no (why)`")
+    seen_fork_only = None
+    for patch in patches:
+        if not is_forwardable(patch):
+            seen_fork_only = seen_fork_only or patch.name
+        elif seen_fork_only:
+            problems.append(
+                f"{patch.name} is proposed upstream ({FORWARDABLE_FIELD}: yes) but comes after {seen_fork_only}, "
+                "which is not: the proposed patches come first in patches/series, so that they apply to pristine alone"
+            )
     return problems
 
 
@@ -713,6 +745,228 @@ def _series_lines(root: Path, appended: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# pr-series: the part proposed upstream, as a `git format-patch` series
+
+
+@dataclass
+class PrCommit:
+    subject: str
+    body: str
+    diff: str
+    source: str  # the patch file, or the own module, it was made from
+    date: str
+
+
+def _description(patch: PatchFile) -> tuple[str, str]:
+    """The DEP-3 `Description:` as a commit subject (its first line) and body (its indented lines, ` .` blank)."""
+    subject, body, inside = "", [], False
+    for line in patch.header.splitlines():
+        if line.startswith("Description:"):
+            subject, inside = line.split(":", 1)[1].strip(), True
+        elif inside and line.startswith(" "):
+            body.append("" if line.strip() == "." else line[1:])
+        else:
+            inside = False
+    return subject, "\n".join(body).strip("\n")
+
+
+def _rfc2822_date(day: str) -> str:
+    import datetime
+    import email.utils
+
+    try:
+        moment = datetime.datetime.strptime(day.strip(), "%Y-%m-%d").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    return email.utils.format_datetime(moment)
+
+
+def _module_stem(path: str) -> str:
+    return Path(path).stem
+
+
+def own_modules_used(root: Path, patches: list[PatchFile], own: frozenset[str]) -> list[str]:
+    """The own modules that the lines these patches add name (as `.<module>` or `<module>`), and those that those
+    modules import in turn, in the order they are first needed."""
+    added = "\n".join(
+        line[1:]
+        for patch in patches
+        for section in patch.sections.values()
+        for line in section.splitlines()
+        if line.startswith("+") and not line.startswith("+++ ")
+    )
+
+    def named_in(text: str) -> list[str]:
+        found = [(m.start(), path) for path in own for m in [re.search(rf"\b{_module_stem(path)}\b", text)] if m]
+        return [path for _, path in sorted(found)]
+
+    used: list[str] = []
+    pending = named_in(added)
+    while pending:
+        path = pending.pop(0)
+        if path not in used:
+            used.append(path)
+            pending += named_in((root / path).read_text(encoding="utf-8"))
+    return used
+
+
+def pr_series(root: Path, out: Path, author: str | None = None) -> dict:
+    """Write the proposed series into `out` (`NNNN-<subject>.patch` in `git format-patch` form, `PR.md`) and check that
+    `git am` applies it to the pristine release, giving pristine + the proposed patches + the own modules they use."""
+    pin = Pin.load(root)
+    patches = load_series(root)
+    problems = _forwardable_problems(patches)
+    if problems:
+        raise PatchQueueError("\n".join(problems))
+    proposed = [p for p in patches if is_forwardable(p)]
+    if not proposed:
+        raise PatchQueueError(f"no patch of patches/series says `{FORWARDABLE_FIELD}: yes`: nothing to export")
+    author = author or _git_author(root)
+    own = own_modules(root)
+    modules = own_modules_used(root, proposed, own)
+    date = _rfc2822_date(max(p.header_fields().get("Last-Update", "") for p in proposed))
+
+    commits = []
+    for path in modules:
+        text = (root / path).read_text(encoding="utf-8")
+        docstring = re.search(r'^"""\n?(.*?)"""', re.sub(r"\A(#.*\n)*", "", text), re.S)
+        body = docstring.group(1).strip() if docstring else ""
+        commits.append(PrCommit(f"add {path.removeprefix(PACKAGE_DIR.as_posix() + '/')}", body,
+                                file_diff(path, None, root / path), path, date))
+    for patch in proposed:
+        subject, body = _description(patch)
+        trailers = []
+        bug = patch.header_fields().get("Bug", "")
+        if bug.startswith("http"):
+            trailers.append(f"Link: {bug}")
+        trailers.append(f"Fork-Patch: patches/{patch.name}")
+        commits.append(PrCommit(subject, body + "\n\n" + "\n".join(trailers), "".join(patch.sections.values()),
+                                f"patches/{patch.name}", _rfc2822_date(patch.header_fields().get("Last-Update", ""))))
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    files = []
+    for number, commit in enumerate(commits, 1):
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", commit.subject).strip("-")[:52].rstrip("-")
+        path = out / f"{number:04d}-{slug}.patch"
+        path.write_text(
+            "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001\n"
+            f"From: {author}\nDate: {commit.date}\nSubject: [PATCH {number}/{len(commits)}] {commit.subject}\n\n"
+            f"{commit.body}\n---\n{_diffstat(commit.diff)}\n{commit.diff}-- \npatchq pr-series\n\n",
+            encoding="utf-8",
+        )
+        files.append(path)
+
+    pristine = fetch(root, pin)
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "pr"
+        applied = _git_am(pristine, tree, files)
+        expected = Path(tmp) / "expected"
+        stage_series(pristine, proposed, expected)
+        for path in modules:
+            (expected / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / path, expected / path)
+        differ = changed_files(expected, applied)
+        if differ:
+            raise PatchQueueError(f"the exported series does not give pristine + the proposed patches: {differ}")
+        added, removed = _line_counts("".join(c.diff for c in commits[len(modules):]))
+        module_lines = sum(len((root / m).read_text(encoding="utf-8").splitlines()) for m in modules)
+
+    summary = {
+        "release": f"{pin.package} {pin.version}",
+        "commits": len(commits),
+        "patches": [p.name for p in proposed],
+        "own_modules": {m: len((root / m).read_text(encoding="utf-8").splitlines()) for m in modules},
+        "upstream_lines_added": added,
+        "upstream_lines_removed": removed,
+        "module_lines": module_lines,
+        "files": [f.name for f in files],
+    }
+    (out / "PR.md").write_text(_pr_description(root, summary, commits, patches), encoding="utf-8")
+    return summary
+
+
+def _git_author(root: Path) -> str:
+    values = []
+    for key in ("user.name", "user.email"):
+        proc = subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True)
+        values.append(proc.stdout.strip())
+    if not all(values):
+        raise PatchQueueError("no author for the series: pass --author 'Name <email>' (or set git's user.name/email)")
+    return f"{values[0]} <{values[1]}>"
+
+
+def _diffstat(diff: str) -> str:
+    proc = subprocess.run(["git", "apply", "--stat", "-"], input=diff, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _line_counts(diff: str) -> tuple[int, int]:
+    lines = diff.splitlines()
+    added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++ "))
+    removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("--- "))
+    return added, removed
+
+
+def _git_am(pristine: Path, tree: Path, files: list[Path]) -> Path:
+    """`git am` the series onto a git repository of the pristine release; returns its root."""
+    _copy_package(pristine, tree)
+    identity = ["-c", "user.name=patchq", "-c", "user.email=patchq@localhost", "-c", "commit.gpgsign=false"]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *identity, *args], cwd=tree, capture_output=True, text=True)
+
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "pristine release"]):
+        proc = git(*args)
+        if proc.returncode != 0:
+            raise PatchQueueError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    proc = git("am", "--quiet", *map(str, files))
+    if proc.returncode != 0:
+        raise PatchQueueError(f"`git am` of the series on the pristine release failed:\n{proc.stdout}{proc.stderr}")
+    return tree
+
+
+def _pr_description(root: Path, summary: dict, commits: list[PrCommit], patches: list[PatchFile]) -> str:
+    intro_file = root / PR_DESCRIPTION
+    intro = intro_file.read_text(encoding="utf-8").strip() if intro_file.is_file() else "# Proposed changes"
+    lines = [intro, "", "## Commits", ""]
+    for number, commit in enumerate(commits, 1):
+        paragraph = []
+        for line in commit.body.split("\n\n")[0].splitlines():
+            if line.lstrip().startswith("- "):
+                break
+            paragraph.append(line)
+        first = " ".join(" ".join(paragraph).split())
+        lines += [f"{number}. **{commit.subject}** (`{commit.source}`)", "", f"   {first}", ""]
+    lines += ["## Size", ""]
+    lines.append(
+        f"{summary['commits']} commits on {summary['release']}: "
+        f"{len(summary['own_modules'])} new module(s) ({summary['module_lines']} lines: "
+        + ", ".join(f"`{m}` {n}" for m, n in summary["own_modules"].items())
+        + f"), and +{summary['upstream_lines_added']} / -{summary['upstream_lines_removed']} lines in upstream files."
+    )
+    kept = [p for p in patches if not is_forwardable(p)]
+    if kept:
+        lines += ["", "## Not proposed here (kept in the fork)", ""]
+        for patch in kept:
+            reason = patch.header_fields().get(FORWARDABLE_FIELD, "no").partition(" ")[2].strip(" ()") or "fork-only"
+            lines.append(f"- `{patch.name}`: {_description(patch)[0]} ({reason})")
+    lines += [
+        "",
+        "## Applying",
+        "",
+        f"Checked with `git am` on the pristine `{summary['release']}` release (`make pr-series`):",
+        "",
+        "```bash",
+        "git am build/pr-series/*.patch",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # rebase
 
 
@@ -822,6 +1076,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sha256")
     p.add_argument("--dry-run", action="store_true", help="report only; change neither the pin nor the patches")
     sub.add_parser("clean", help="remove the assembled files of src/transformers (the own modules stay)")
+    p = sub.add_parser("pr-series", help="export the patches proposed upstream as a `git format-patch` series")
+    p.add_argument("--out", type=Path, default=None, help=f"output directory (default: {PR_SERIES_DIR})")
+    p.add_argument("--author", help="'Name <email>' for the commits (default: git's user.name and user.email)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
 
@@ -859,6 +1116,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"patchq rebase: moved from {old} to {args.version}; patches regenerated, src/transformers reassembled")
         elif args.command == "clean":
             clean(root)
+        elif args.command == "pr-series":
+            out = args.out or root / PR_SERIES_DIR
+            summary = pr_series(root, out, author=args.author)
+            print(
+                f"patchq pr-series: {summary['commits']} commits in {out} ({', '.join(summary['own_modules'])} and "
+                f"{len(summary['patches'])} patches; +{summary['upstream_lines_added']} / "
+                f"-{summary['upstream_lines_removed']} lines in upstream files), applied with `git am` on pristine "
+                f"{summary['release']}; description: {out / 'PR.md'}"
+            )
     except PatchQueueError as e:
         print(f"patchq {args.command}: error: {e}", file=sys.stderr)
         return 2

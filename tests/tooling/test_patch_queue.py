@@ -98,6 +98,8 @@ class PatchQueueTest(ScratchRepoTestCase):
             fields = patchq.PatchFile.read(REPO_ROOT / "patches" / name).header_fields()
             self.assertTrue(fields.get("Description"), f"{name} lacks Description:")
             self.assertIn(fields.get("Forwarded", "").split(" ")[0].rstrip(","), ("no", "not-needed", "yes", "https:"))
+            # Whether it is part of the series proposed upstream (`make pr-series`): said explicitly by each patch.
+            self.assertIn(fields.get("Forwardable", "").split(" ")[0], ("yes", "no"), f"{name} lacks Forwardable:")
 
     def test_corrupted_checksum_stops_with_clear_message(self):
         root = self.scratch_repo()
