@@ -49,6 +49,9 @@ def parse_args():
     parser.add_argument("--save-dir", default=None, help="save_pretrained (Trainer.save_model) here after training")
     parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
     parser.add_argument("--output-dir", default=None, help="Trainer: output_dir (default: the rank results dir)")
+    parser.add_argument("--save-only-model", action="store_true", help="Trainer: checkpoints without optimizer state")
+    parser.add_argument("--push-to-hub", action="store_true",
+                        help="Trainer: push_to_hub after training, to a fake hub that records what it was sent")
     parser.add_argument("--max-shard-size", default="50GB")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
@@ -164,6 +167,7 @@ def register_deepspeed(args):
             logging_steps=1,
             save_strategy="steps" if args.save_steps else "no",
             save_steps=args.save_steps or 500,
+            save_only_model=args.save_only_model,
             report_to="none",
             disable_tqdm=True,
             seed=args.seed,
@@ -248,7 +252,32 @@ def train_trainer(args, training_args, model, data, record):
     record["clip"] = trainer.model_wrapped.gradient_clipping()
     if args.save_dir:
         trainer.save_model(args.save_dir)
+    if args.push_to_hub:
+        record["pushed"] = push_to_fake_hub(trainer)
     return trainer.model
+
+
+def push_to_fake_hub(trainer) -> dict | None:
+    """`Trainer.push_to_hub` with the hub replaced by a fake that records, on rank 0, the bytes of each file of the
+    folder it is asked to upload (nothing leaves the machine)."""
+    from pathlib import Path
+    from unittest import mock
+
+    uploaded = {}
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            return mock.Mock(repo_id=f"fake-user/{repo_id}")
+
+        def upload_folder(self, folder_path, ignore_patterns=(), **kwargs):
+            for path in Path(folder_path).iterdir():
+                if path.is_file() and not path.name.startswith("_"):
+                    uploaded[path.name] = path.read_bytes()
+            return mock.Mock(commit_url="fake://commit")
+
+    with mock.patch("transformers.trainer.hf_api", return_value=FakeHub()):
+        trainer.push_to_hub(commit_message="test", blocking=True)
+    return uploaded if rank() == 0 else None
 
 
 def main():
