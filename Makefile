@@ -27,7 +27,7 @@ help:
 	@echo "make pr-series the patches proposed upstream as a git format-patch series + PR.md in build/pr-series/"
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
-	@echo "make bench-save  2-rank CPU save benchmark: EP + ZeRO-3 save_pretrained vs single process (BENCH_ARGS=...)"
+	@echo "make bench-save  2-rank CPU save: EP + ZeRO-3 save_pretrained, get_state_dict vs one process (BENCH_ARGS=\"--layers 8 2\")"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"

@@ -65,7 +65,19 @@ MODEL = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
-CHECKPOINT_NAME = "qwen3moe-l8-h512-e16-v8000-fp32-150MB"
+
+
+def checkpoint_name(model: dict) -> str:
+    return (f"qwen3moe-l{model['num_hidden_layers']}-h{model['hidden_size']}-e{model['num_experts']}"
+            f"-v{model['vocab_size']}-fp32-150MB")
+
+
+def model_with_layers(layers: int) -> dict:
+    """`MODEL` with another number of layers (the save benchmark's second size); its checkpoint is cached beside."""
+    return {**MODEL, "num_hidden_layers": layers}
+
+
+CHECKPOINT_NAME = checkpoint_name(MODEL)  # "qwen3moe-l8-h512-e16-v8000-fp32-150MB"
 # case -> (launcher, from_pretrained's distributed config as DistributedConfig kwargs, or None)
 CASES = {
     "ep_only": ("torchrun", {"fsdp_size": 2, "ep_size": EP_SIZE}),
@@ -82,19 +94,19 @@ EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 # The checkpoint: built once, one copy per rank
 
 
-def checkpoint_dir(rank: int) -> Path:
-    return per_rank_checkpoint(CACHE / CHECKPOINT_NAME, rank)
+def checkpoint_dir(rank: int, model: dict = MODEL) -> Path:
+    return per_rank_checkpoint(CACHE / checkpoint_name(model), rank)
 
 
-def build_checkpoints() -> None:
+def build_checkpoints(model: dict = MODEL) -> None:
     def make_model():
         import torch
 
         from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**MODEL)).to(torch.float32)
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**model)).to(torch.float32)
 
-    build_per_rank_checkpoints(CACHE / CHECKPOINT_NAME, NPROC, make_model)
+    build_per_rank_checkpoints(CACHE / checkpoint_name(model), NPROC, make_model)
 
 
 def read_layout(directory: Path) -> dict:

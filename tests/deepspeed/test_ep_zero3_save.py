@@ -18,12 +18,20 @@ from parameterized import parameterized
 
 from tests.deepspeed.test_ep_zero3_train import assemble_experts
 from tests.fork_utils.launcher import CONFIG_DIR, launch
+from tests.fork_utils.mounts import mount_tmpfs, unmount
 from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkpoint
 
 
 TRAIN = Path(__file__).parent / "scripts" / "ep_train.py"
 LOAD = Path(__file__).parent / "scripts" / "ep_load.py"
 TIMEOUT = 180
+# How a save is made: `save_pretrained` gathering on every rank, or rank 0 writing the whole state dict it was given
+# (accelerate's ZeRO-3 save); into a plain directory or into the root of a mounted volume (no directory swap there).
+SAVE_PATHS = [
+    ("gathered", [], False),
+    ("state_dict", ["--save-from-state-dict"], False),
+    ("gathered_into_mount_point", [], True),
+]
 
 
 def checkpoint_files(directory: Path) -> dict[str, bytes]:
@@ -36,6 +44,7 @@ class EPZero3SaveTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-save-"))
+        cls.mounted = []
         cls.checkpoints = {
             "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=41).path,
             "mixtral": make_checkpoint("mixtral", cls.tmp / "mixtral", seed=42).path,
@@ -43,7 +52,19 @@ class EPZero3SaveTest(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        for directory in cls.mounted:
+            unmount(directory)
         shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def save_target(self, name, mounted):
+        """A directory to save into; `mounted`: the root of a tmpfs mounted for the test (a mounted volume)."""
+        target = self.tmp / name
+        if mounted:
+            why_not = mount_tmpfs(target)
+            if why_not:
+                self.skipTest(why_not)
+            self.mounted.append(target)
+        return target
 
     def train(self, checkpoint, *extra, entry="deepspeed", steps=3):
         args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", 2, "--steps", steps,
@@ -116,15 +137,18 @@ class EPZero3SaveTest(unittest.TestCase):
         self.assertEqual(checkpoint_files(saved), before)
         self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
 
-    def test_failed_save_is_reported_on_every_rank_and_keeps_the_previous_checkpoint(self):
-        saved = self.tmp / "saved-then-failed"
+    @parameterized.expand(SAVE_PATHS)
+    def test_failed_save_keeps_the_previous_checkpoint(self, path, save_args, mounted):
+        """Gathered on every rank, the error is raised on every rank; from a state dict rank 0 writes alone."""
+        saved = self.save_target(f"saved-then-failed-{path}", mounted)
         first = self.save_mixtral(saved, steps=1).check().results()
         before = checkpoint_files(saved)
-        result = self.save_mixtral(saved, "--fail-save-after-shards", 1, steps=2)
+        result = self.save_mixtral(saved, "--fail-save-after-shards", 1, *save_args, steps=2)
         self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
         self.assertLess(result.elapsed, TIMEOUT / 2)
-        for rank, report in result.results().items():
-            self.assertIn("save_error", report, f"rank {rank} did not see the failed save")
+        writers = [0] if save_args else [0, 1]
+        for rank in writers:
+            self.assertIn("save_error", result.results()[rank], f"rank {rank} did not see the failed save")
         self.assertIn("No space left on device", result.results()[0]["save_error"])
         # The previous checkpoint is untouched, and nothing half-written sits in (or next to) the target.
         self.assertEqual(sorted(p.name for p in saved.iterdir() if p.name.startswith(".")), [])
@@ -151,11 +175,12 @@ class EPZero3SaveTest(unittest.TestCase):
             for name, tensor in straight[rank]["final"].items():
                 self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
 
-    def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self):
-        saved = self.tmp / "saved-then-killed"
+    @parameterized.expand(SAVE_PATHS)
+    def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self, path, save_args, mounted):
+        saved = self.save_target(f"saved-then-killed-{path}", mounted)
         first = self.save_mixtral(saved, steps=1).check().results()
         before = checkpoint_files(saved)
-        killed = self.save_mixtral(saved, "--kill-save-after-shards", 1, steps=2)
+        killed = self.save_mixtral(saved, "--kill-save-after-shards", 1, *save_args, steps=2)
         self.assertFalse(killed.ok)
         self.assertFalse(killed.timed_out, killed.report())
         self.assertLess(killed.elapsed, TIMEOUT / 2)
@@ -168,6 +193,6 @@ class EPZero3SaveTest(unittest.TestCase):
         self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
         self.assertFalse((leftovers[0] / "config.json").exists())
         # The next save replaces the checkpoint and removes what the killed one left.
-        second = self.save_mixtral(saved, steps=2).check().results()
+        second = self.save_mixtral(saved, *save_args, steps=2).check().results()
         self.assertFalse(leftovers[0].exists(), "the next save left the killed save's directory behind")
         self.assert_checkpoint_holds(saved, assemble_experts(second, "final", ep_size=2), self.checkpoints["mixtral"])

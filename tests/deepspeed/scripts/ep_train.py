@@ -8,7 +8,8 @@ Entry points (``--entry``), the three ways users start DeepSpeed training:
 Every rank feeds its own rows and records them, so the test process can rebuild each step's global batch (the ranks'
 rows in rank order) and train a single-process reference on it. Step s always gets the same rows, so a run resumed
 from a DeepSpeed checkpoint (``--resume-from``, ``--first-step``) continues on the data of an uninterrupted run.
-Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_model``), ``--save-checkpoint`` (the
+Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_model``; ``--save-from-state-dict``:
+rank 0 writes the engine's consolidated state dict, as accelerate's ZeRO-3 save does), ``--save-checkpoint`` (the
 engine's ``save_checkpoint``), ``--fail-save-after-shards N`` (rank 0's N+1-th shard write raises: a save that fails
 midway), ``--kill-save-after-shards N`` (rank 0 is killed there). With the Trainer, ``--save-steps`` checkpoints into
 ``--output-dir`` and ``--resume-from`` is its ``resume_from_checkpoint``. Nothing is asserted here: the test compares
@@ -49,12 +50,17 @@ def parse_args():
     parser.add_argument("--save-dir", default=None, help="save_pretrained (Trainer.save_model) here after training")
     parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
     parser.add_argument("--output-dir", default=None, help="Trainer: output_dir (default: the rank results dir)")
+    parser.add_argument("--save-only-model", action="store_true", help="Trainer: checkpoints without optimizer state")
+    parser.add_argument("--push-to-hub", action="store_true",
+                        help="Trainer: push_to_hub after training, to a fake hub that records what it was sent")
     parser.add_argument("--max-shard-size", default="50GB")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
     parser.add_argument("--die-at-step", type=int, default=None, help="rank 1 is SIGKILLed before this step")
     parser.add_argument("--offload", choices=["optimizer", "param"], nargs="*", default=[],
                         help="ZeRO-3 offload of the optimizer state and/or the parameters to CPU")
+    parser.add_argument("--save-from-state-dict", action="store_true",
+                        help="--save-dir through the engine's consolidated state dict and save_pretrained(state_dict=)")
     parser.add_argument("--convert-whole-shards", action="store_true",
                         help="save as when a conversion needs several tensors at once: each shard collected whole")
     return parser.parse_args()
@@ -164,6 +170,7 @@ def register_deepspeed(args):
             logging_steps=1,
             save_strategy="steps" if args.save_steps else "no",
             save_steps=args.save_steps or 500,
+            save_only_model=args.save_only_model,
             report_to="none",
             disable_tqdm=True,
             seed=args.seed,
@@ -199,7 +206,7 @@ def train_deepspeed(args, model, data, record):
                                                  ("param", engine.zero_offload_param())] if on)
     if args.save_checkpoint:
         engine.save_checkpoint(args.save_checkpoint)
-    return engine.module
+    return engine
 
 
 def train_accelerate(args, accelerator, model, data, record):
@@ -217,7 +224,7 @@ def train_accelerate(args, accelerator, model, data, record):
         record["inputs"].append(batch["input_ids"].clone())
         record["losses"].append(loss.item())
     record["clip"] = engine.gradient_clipping()
-    return engine.module
+    return engine
 
 
 def train_trainer(args, training_args, model, data, record):
@@ -248,7 +255,32 @@ def train_trainer(args, training_args, model, data, record):
     record["clip"] = trainer.model_wrapped.gradient_clipping()
     if args.save_dir:
         trainer.save_model(args.save_dir)
+    if args.push_to_hub:
+        record["pushed"] = push_to_fake_hub(trainer)
     return trainer.model
+
+
+def push_to_fake_hub(trainer) -> dict | None:
+    """`Trainer.push_to_hub` with the hub replaced by a fake that records, on rank 0, the bytes of each file of the
+    folder it is asked to upload (nothing leaves the machine)."""
+    from pathlib import Path
+    from unittest import mock
+
+    uploaded = {}
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            return mock.Mock(repo_id=f"fake-user/{repo_id}")
+
+        def upload_folder(self, folder_path, ignore_patterns=(), **kwargs):
+            for path in Path(folder_path).iterdir():
+                if path.is_file() and not path.name.startswith("_"):
+                    uploaded[path.name] = path.read_bytes()
+            return mock.Mock(commit_url="fake://commit")
+
+    with mock.patch("transformers.trainer.hf_api", return_value=FakeHub()):
+        trainer.push_to_hub(commit_message="test", blocking=True)
+    return uploaded if rank() == 0 else None
 
 
 def main():
@@ -270,9 +302,11 @@ def main():
     data = dataset_rows(args, model.config.vocab_size)
     record = {"inputs": [], "losses": [], "aux_losses": []}
     if args.entry == "deepspeed":
-        module = train_deepspeed(args, model, data, record)
+        engine = train_deepspeed(args, model, data, record)
+        module = engine.module
     elif args.entry == "accelerate":
-        module = train_accelerate(args, registered, model, data, record)
+        engine = train_accelerate(args, registered, model, data, record)
+        module = engine.module
     else:
         module = train_trainer(args, registered, model, data, record)
     final = gathered_state(module)
@@ -286,7 +320,14 @@ def main():
 
             ep_save._plan_streamed_shard = lambda *args: None
         try:
-            model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
+            if args.save_from_state_dict:
+                # accelerate's documented ZeRO-3 save: the engine's 16-bit consolidation (what
+                # `accelerator.get_state_dict` returns) gives rank 0 the whole model, which it writes alone
+                state_dict = engine._zero3_consolidated_16bit_state_dict()
+                model.save_pretrained(args.save_dir, state_dict=state_dict, is_main_process=rank() == 0,
+                                      max_shard_size=args.max_shard_size)
+            else:
+                model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
         except Exception as e:
             record["save_error"] = f"{type(e).__name__}: {e}"
     record.update(
