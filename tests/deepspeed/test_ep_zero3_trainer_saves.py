@@ -73,11 +73,12 @@ class SaveOnEachNodeTest(unittest.TestCase):
     """The check the Trainer runs when it is built (every rank alike, before any collective)."""
 
     def check(self, save_on_each_node, world_size, local_world_size):
-        from transformers.integrations.deepspeed import check_trainer_can_save_expert_parallel_model
+        from transformers.integrations import deepspeed_expert_parallel_save
+
 
         args = SimpleNamespace(save_on_each_node=save_on_each_node, world_size=world_size)
         with mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": str(local_world_size)}):
-            check_trainer_can_save_expert_parallel_model(args)
+            deepspeed_expert_parallel_save.check_trainer_can_save_expert_parallel_model(args)
 
     def test_refused_across_nodes(self):
         with self.assertRaisesRegex(NotImplementedError, r"save_on_each_node=True` with 2 nodes.*file system"):
