@@ -75,7 +75,6 @@ class SaveOnEachNodeTest(unittest.TestCase):
     def check(self, save_on_each_node, world_size, local_world_size):
         from transformers.integrations import deepspeed_expert_parallel_save
 
-
         args = SimpleNamespace(save_on_each_node=save_on_each_node, world_size=world_size)
         with mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": str(local_world_size)}):
             deepspeed_expert_parallel_save.check_trainer_can_save_expert_parallel_model(args)
