@@ -101,6 +101,23 @@ class PatchQueueTest(ScratchRepoTestCase):
             # Whether it is part of the series proposed upstream (`make pr-series`): said explicitly by each patch.
             self.assertIn(fields.get("Forwardable", "").split(" ")[0], ("yes", "no"), f"{name} lacks Forwardable:")
 
+    def test_patches_stay_call_sites(self):
+        """The fork's code lives in its own modules; patches add call sites and gates to upstream files (issue 17: at
+        most 400 lines added in all), and upstream's `integrations/deepspeed.py` is left alone."""
+        pristine = patchq.fetch(REPO_ROOT)
+        added = {}
+        for name in patchq.read_series(REPO_ROOT):
+            patch = patchq.PatchFile.read(REPO_ROOT / "patches" / name)
+            self.assertNotIn("src/transformers/integrations/deepspeed.py", patch.sections, name)
+            added[name] = sum(
+                1
+                for path, section in patch.sections.items()
+                if (pristine / path).is_file()
+                for line in section.splitlines()
+                if line.startswith("+") and not line.startswith("+++ ")
+            )
+        self.assertLessEqual(sum(added.values()), 400, added)
+
     def test_corrupted_checksum_stops_with_clear_message(self):
         root = self.scratch_repo()
         text = (root / "upstream.toml").read_text().replace(patchq.Pin.load(REPO_ROOT).sha256, "0" * 64)

@@ -106,6 +106,7 @@ def zero3_data_parallel_size(distributed_config) -> int:
     return max(1, world_size // (c.dp_replicate_size * c.tp_size * c.pp_size))
 
 
+# The expert-parallel styles proper: whole experts per rank and the token dispatch that brings them their tokens.
 _EXPERT_PARALLEL_STYLES = frozenset({"grouped_gemm", "ep_dispatch_experts"})
 
 
