@@ -190,7 +190,11 @@ def launch(
             TAG_ENV: tag,
             RESULTS_ENV: str(results),
             BACKEND_ENV: backend,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            # This checkout's transformers first (a second checkout, e.g. a git worktree, shares the editable install
+            # of the first), then its tests package.
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT / "src"), str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -1,14 +1,16 @@
 """The launcher helper must bound every job, kill all it started, and report each rank's failure."""
 
+import os
 import textwrap
 import time
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from parameterized import parameterized
 
-from tests.fork_utils.launcher import _tagged_pids, launch
+from tests.fork_utils.launcher import REPO_ROOT, _tagged_pids, launch
 
 
 def _write(tmp: Path, body: str) -> Path:
@@ -26,6 +28,24 @@ class LauncherTest(unittest.TestCase):
         import tempfile
 
         self.tmp = Path(tempfile.mkdtemp(prefix="launcher-test-"))
+
+    def test_ranks_import_this_checkouts_transformers(self):
+        """Whatever the environment's PYTHONPATH or editable install points to (a git worktree shares the install of
+        the checkout that made it), a launched rank imports the transformers of the checkout the test runs from."""
+        script = _write(
+            self.tmp,
+            """
+            def main():
+                import transformers
+
+                return transformers.__file__
+
+            run_rank(main)
+            """,
+        )
+        with mock.patch.dict(os.environ, {"PYTHONPATH": ""}):
+            result = launch(script, nproc=1, launcher="python", timeout=60).check()
+        self.assertEqual(result.results()[0], str(REPO_ROOT / "src" / "transformers" / "__init__.py"))
 
     def test_job_past_its_timeout_is_killed_and_reported(self):
         script = _write(
