@@ -205,7 +205,23 @@ class EPZero3TrainTest(unittest.TestCase):
     @pytest.mark.slow
     def test_negative_control_expert_gradients_averaged_like_dense_ones_are_wrong(self):
         """Without the expert tag DeepSpeed averages expert gradients by the expert-data-parallel size instead of
-        the world size: the comparison above must catch it."""
-        results = self.run_training("qwen3_moe", "deepspeed", "sgd", extra=["--drop-expert-family-tag"])
+        the world size: the comparison above must catch it (with the placement check off, which would refuse it)."""
+        results = self.run_training("qwen3_moe", "deepspeed", "sgd",
+                                    extra=["--drop-expert-family-tag", "--skip-placement-check"])
         with self.assertRaises(AssertionError):
             self.compare_with_reference("qwen3_moe", results, "sgd", ep_size=2)
+
+    @parameterized.expand(["deepspeed", "trainer"])
+    def test_deepspeed_placement_check_refuses_a_dropped_expert_tag_on_every_rank(self, entry):
+        """The check at the first forward after `deepspeed.initialize`: DeepSpeed placed the experts as dense
+        parameters (the tag it reads was removed), so every rank raises before the first step, naming them."""
+        args = ["--checkpoint", self.checkpoints["qwen3_moe"], "--entry", entry, "--ep-size", 2, "--steps", 2,
+                "--optimizer", "sgd", "--drop-expert-family-tag"]
+        result = launch(SCRIPT, args, nproc=2, timeout=TIMEOUT)
+        self.assertFalse(result.ok)
+        self.assertFalse(result.timed_out, result.report())
+        for rank in (0, 1):
+            error = result.ranks[rank].error or ""
+            self.assertIn("did not place", error, f"rank {rank}:\n{result.report()}")
+            self.assertRegex(error, rf"experts\.gate_up_proj: partitioned over ranks \[{rank}\] as 'replicated', "
+                                    rf"expected \(\[{rank}\], 'autoep_expert'\)")

@@ -37,6 +37,7 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
 """
 
 import contextlib
+import importlib.metadata
 import os
 from typing import NamedTuple
 
@@ -50,6 +51,36 @@ if is_torch_available():
 
 
 logger = logging.get_logger(__name__)
+
+
+# The DeepSpeed releases the hand-over is tested with. It relies on DeepSpeed internals that may change in any release:
+# the private group API (`groups._create_expert_and_data_parallel`), the ZeRO-3 parameter tags of AutoEP, and the
+# engine's 16-bit consolidation that the save wraps. A DeepSpeed that ignored the tags would train silently wrong.
+# requirements/constraints.txt pins the release CI runs; this is the range the hand-over accepts.
+TESTED_DEEPSPEED_VERSIONS = ">=0.19.8,<0.20"
+# Set to 1 to hand models over to a DeepSpeed outside that range anyway (the placement self-check still runs).
+ALLOW_UNTESTED_DEEPSPEED_ENV = "TRANSFORMERS_EP_ALLOW_UNTESTED_DEEPSPEED"
+
+
+def check_deepspeed_version_is_tested():
+    """Refuse a DeepSpeed outside `TESTED_DEEPSPEED_VERSIONS` at hand-over (every rank alike, before any collective)."""
+    from packaging.specifiers import SpecifierSet
+
+    version = importlib.metadata.version("deepspeed")
+    if version in SpecifierSet(TESTED_DEEPSPEED_VERSIONS, prereleases=True):
+        return
+    if os.environ.get(ALLOW_UNTESTED_DEEPSPEED_ENV) == "1":
+        logger.warning(
+            f"Expert parallelism under DeepSpeed ZeRO-3 is tested with deepspeed{TESTED_DEEPSPEED_VERSIONS}, not "
+            f"{version}; going on because {ALLOW_UNTESTED_DEEPSPEED_ENV}=1."
+        )
+        return
+    raise ImportError(
+        f"Expert parallelism under DeepSpeed ZeRO-3 relies on DeepSpeed internals tested with "
+        f"deepspeed{TESTED_DEEPSPEED_VERSIONS}, and deepspeed {version} is installed. Install a tested release "
+        f"(`pip install 'deepspeed{TESTED_DEEPSPEED_VERSIONS}'`), or set {ALLOW_UNTESTED_DEEPSPEED_ENV}=1 to try this "
+        "one (the check after `deepspeed.initialize` still refuses a placement of the experts it does not expect)."
+    )
 
 
 def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
@@ -240,6 +271,7 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     distributed_config = model.config.distributed_config
     # Already checked when the `DistributedConfig` was built, unless that was before the DeepSpeed config was registered.
     check_expert_parallel_deepspeed_support(distributed_config)
+    check_deepspeed_version_is_tested()
 
     ep_size = distributed_config.ep_size
     ep_mesh, edp_mesh = model._mesh_manager.get_mesh("ep"), model._mesh_manager.get_mesh("efsdp")
@@ -286,6 +318,52 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     model._expert_parallel_layout = layout
     for module_name in {name.rpartition(".")[0] for name in expert_params}:
         modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
+    model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
+
+
+def check_deepspeed_placement(model):
+    """
+    After `deepspeed.initialize`: every expert parameter of `model` must be partitioned by ZeRO-3 over its
+    expert-data-parallel group, in AutoEP's placement family (whose gradients DeepSpeed averages as experts), and every
+    dense one over all ranks as a replicated parameter. That is what the hand-over's tags ask for; a DeepSpeed that
+    ignored or renamed them would train silently wrong (expert gradients averaged with other experts'). Raised alike on
+    every rank (each checks its own parameters, tagged alike), naming the parameters and what DeepSpeed did instead.
+    """
+    from torch.distributed import get_process_group_ranks, get_world_size
+
+    layout = model._expert_parallel_layout
+    expert_data_parallel_ranks = get_process_group_ranks(model._mesh_manager.get_mesh("efsdp").get_group())
+    world = list(range(get_world_size()))
+    misplaced = []
+    for name, param in model.named_parameters():
+        expected = (expert_data_parallel_ranks, "autoep_expert") if name in layout else (world, "replicated")
+        group = getattr(param, "ds_process_group", None)
+        actual = (
+            None if group is None else get_process_group_ranks(group),
+            getattr(param, "ds_zero_placement_family", "replicated"),
+        )
+        if actual != expected:
+            misplaced.append(f"{name}: partitioned over ranks {actual[0]} as {actual[1]!r}, expected {expected}")
+    if misplaced:
+        raise RuntimeError(
+            f"DeepSpeed {importlib.metadata.version('deepspeed')} did not place {len(misplaced)} parameter(s) of this "
+            "expert-parallel model as they were tagged at load, so expert gradients would be reduced with the wrong "
+            "ranks:\n  " + "\n  ".join(misplaced[:5]) + ("\n  ..." if len(misplaced) > 5 else "") + "\nUse a "
+            f"DeepSpeed release the fork is tested with (deepspeed{TESTED_DEEPSPEED_VERSIONS}), and do not change the "
+            "parameters' `ds_zero_*` / `allreduce` / `group_name` attributes before `deepspeed.initialize`."
+        )
+
+
+def _check_deepspeed_placement_once(model, args):
+    """
+    Forward pre-hook of a model handed over to DeepSpeed: at the first forward after `deepspeed.initialize` (whichever
+    way it was called: directly, `Accelerator.prepare`, the `Trainer`), `check_deepspeed_placement`, then it removes
+    itself. Forwards before the engine exists (no ZeRO-3 attributes yet) leave it in place.
+    """
+    if not all(hasattr(param, "ds_id") for param in model.parameters()):
+        return
+    model._deepspeed_placement_check.remove()
+    check_deepspeed_placement(model)
 
 
 def _refuse_adapters_on_experts(experts, args):

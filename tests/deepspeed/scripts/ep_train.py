@@ -43,6 +43,8 @@ def parse_args():
     parser.add_argument("--aux-loss", action="store_true", help="output_router_logits=True: the router aux loss is on")
     parser.add_argument("--drop-expert-family-tag", action="store_true",
                         help="negative control: experts' gradients then get averaged like dense ones")
+    parser.add_argument("--skip-placement-check", action="store_true",
+                        help="train without the check of DeepSpeed's placement at the first forward (negative control)")
     parser.add_argument("--first-step", type=int, default=0, help="the index of the first step (resumed runs)")
     parser.add_argument("--resume-from", default=None,
                         help="DeepSpeed checkpoint directory to load before training (Trainer: a checkpoint-N)")
@@ -297,6 +299,8 @@ def main():
         for param in model.parameters():
             if hasattr(param, "ds_zero_placement_family"):
                 del param.ds_zero_placement_family
+    if args.skip_placement_check:
+        model._deepspeed_placement_check.remove()
     model.config.output_router_logits = args.aux_loss
     model.train()
     data = dataset_rows(args, model.config.vocab_size)
