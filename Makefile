@@ -37,12 +37,14 @@ install: $(VENV)/.installed
 
 # torch first and pinned (an unpinned torch resolves to a multi-GB CUDA build); deepspeed is an sdist that builds
 # against the installed torch, hence --no-build-isolation after it.
-$(VENV)/.installed: setup.py pyproject.toml upstream.toml requirements/constraints.txt requirements/dev.txt
+$(VENV)/.installed: setup.py pyproject.toml upstream.toml requirements/constraints.txt requirements/dev.txt \
+		requirements/ecosystem.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install $(CONSTRAINTS) -r requirements/dev.txt
 	$(PIP) install $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.8
 	$(PIP) install $(CONSTRAINTS) -e .
+	$(PIP) install $(CONSTRAINTS) -r requirements/ecosystem.txt
 	$(PY) utils/build_deepspeed_ops.py
 	touch $@
 
