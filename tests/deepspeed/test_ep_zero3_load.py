@@ -202,7 +202,10 @@ class EPZero3LoadTest(unittest.TestCase):
             self.assertEqual(report["local_num_experts"], [4])
         self.assert_forward_matches_single_process(results, self.checkpoints["qwen3_moe_8"])
 
-    @parameterized.expand([("experts_not_divisible", "qwen3_moe_3", "3"), ("model_without_ep_plan", "llama", "")])
+    @parameterized.expand([
+        ("experts_not_divisible", "qwen3_moe_3", "Cannot evenly shard 3 experts"),
+        ("model_without_ep_plan", "llama", "has no `ep_plan`"),
+    ])
     def test_impossible_expert_parallelism_raises_on_every_rank(self, _name, checkpoint, message):
         """Every rank either holds its correct shard or raises: never a silently wrong or unsharded model."""
         result = self.launch_load(checkpoint, "--ep-size", "2")

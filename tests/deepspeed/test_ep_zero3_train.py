@@ -149,6 +149,14 @@ class EPZero3TrainTest(unittest.TestCase):
         self.compare_with_reference(checkpoint, results, optimizer, ep_size=2)
         self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
 
+    @pytest.mark.gpu
+    def test_nccl_training_matches_single_process(self):
+        """With 2+ CUDA devices the launcher runs the ranks on NCCL, one device each: the same comparison there."""
+        results = self.run_training("qwen3_moe", "deepspeed", "adamw")
+        self.assertEqual({report["backend"] for report in results.values()}, {"nccl"})
+        self.compare_with_reference("qwen3_moe", results, "adamw", ep_size=2)
+        self.assert_experts_reduced_within_expert_data_parallel_groups(results, ep_size=2)
+
     @parameterized.expand([("qwen3_moe",), ("mixtral",)])
     def test_router_aux_loss_trains_at_parity(self, checkpoint):
         """`output_router_logits=True`: the router logits are recorded under EP, every rank's first aux loss is that of

@@ -337,6 +337,7 @@ def main():
     record.update(
         rank=rank(),
         world_size=world_size(),
+        backend=dist.get_backend(),
         ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank(),
         final=final,
         partition_groups=partition_groups(module),
