@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.family_sweep.families import FAMILIES, num_experts, options, tiny_config
 from tests.deepspeed.test_ep_zero3_train import train_reference
+from tests.fork_utils.expert_state import max_diff
 from tests.fork_utils.launcher import CONFIG_DIR, launch
 from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes
 
@@ -39,12 +40,10 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 
 
-def max_diff(a: dict, b: dict):
-    common = [k for k in a if k in b and a[k].shape == b[k].shape]
-    if not common:
-        return float("nan"), None
-    worst = max(common, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
-    return (a[worst].float() - b[worst].float()).abs().max().item(), worst
+def max_diff_of_common(a: dict, b: dict):
+    """`max_diff` over the tensors of the same name and shape in both (NaN when there are none)."""
+    common = {k: v for k, v in a.items() if k in b and v.shape == b[k].shape}
+    return max_diff(common, b) if common else (float("nan"), None)
 
 
 def run_family(family: str, tmp: Path) -> dict:
@@ -141,8 +140,8 @@ def run_family(family: str, tmp: Path) -> dict:
         layout = reports[0]["layout"]
         final = {n: (torch.cat([by_ep[e][n] for e in range(2)], dim=layout[n][1]) if n in layout else t)
                  for n, t in reports[0]["final"].items()}
-        train["weights_max_abs_diff"], train["weights_worst"] = max_diff(final, trained)
-        moved, _ = max_diff(trained, initial)
+        train["weights_max_abs_diff"], train["weights_worst"] = max_diff_of_common(final, trained)
+        moved, _ = max_diff_of_common(trained, initial)
         train["reference_moved"] = moved
         experts = [n for n in final if n in layout]
         if experts:
@@ -172,7 +171,7 @@ def run_family(family: str, tmp: Path) -> dict:
             reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
             got = {n: p.detach() for n, p in reloaded.named_parameters()}
             if "ref_losses" in train:
-                save["reload_max_abs_diff"], save["reload_worst"] = max_diff(got, trained)
+                save["reload_max_abs_diff"], save["reload_worst"] = max_diff_of_common(got, trained)
                 save["ok"] = (save["shapes_equal"] and set(got) == set(trained)
                               and save["reload_max_abs_diff"] <= WEIGHT_ATOL)
             else:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
+from tests.fork_utils.expert_state import expected_local, is_expert_param, max_abs_diff
 from tests.fork_utils.launcher import CONFIG_DIR, REPO_ROOT, launch
 from tests.fork_utils.tiny_models import make_checkpoint, num_experts, reference_state_dict
 
@@ -22,23 +23,6 @@ from tests.fork_utils.tiny_models import make_checkpoint, num_experts, reference
 SCRIPT = Path(__file__).parent / "scripts" / "ep_load.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
 LAUNCH_TIMEOUT = 120  # seconds; a healthy 2-rank load takes ~15 s here, most of it imports
-
-
-def is_expert_param(name: str) -> bool:
-    return ".experts." in name
-
-
-def expected_local(name: str, full: torch.Tensor, rank: int, ep_size: int) -> torch.Tensor:
-    """Rank r of an EP group of consecutive ranks holds experts [r % ep * E/ep, (r % ep + 1) * E/ep)."""
-    if not is_expert_param(name):
-        return full
-    per_rank = full.shape[0] // ep_size
-    ep_rank = rank % ep_size
-    return full[ep_rank * per_rank : (ep_rank + 1) * per_rank]
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
 @pytest.mark.multiprocess

@@ -16,7 +16,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from tests.deepspeed.test_ep_zero3_train import assemble_experts
+from tests.fork_utils.expert_state import assemble_experts
 from tests.fork_utils.launcher import CONFIG_DIR, launch
 from tests.fork_utils.mounts import mount_tmpfs, unmount
 from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkpoint

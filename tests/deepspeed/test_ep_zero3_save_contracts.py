@@ -32,7 +32,8 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from tests.deepspeed.test_ep_zero3_train import assemble_experts, max_diff, train_reference
+from tests.deepspeed.test_ep_zero3_train import train_reference
+from tests.fork_utils.expert_state import assemble_experts, max_diff
 from tests.fork_utils.launcher import CONFIG_DIR, LaunchResult, launch
 from tests.fork_utils.mounts import mount_tmpfs, unmount
 from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkpoint

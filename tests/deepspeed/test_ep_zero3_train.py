@@ -17,6 +17,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
+from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_diff
 from tests.fork_utils.launcher import CONFIG_DIR, launch
 from tests.fork_utils.tiny_models import make_checkpoint, reference_state_dict
 
@@ -24,21 +25,6 @@ from tests.fork_utils.tiny_models import make_checkpoint, reference_state_dict
 SCRIPT = Path(__file__).parent / "scripts" / "ep_train.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
 TIMEOUT = 180
-
-
-def is_expert_param(name: str) -> bool:
-    return ".experts." in name
-
-
-def assemble_experts(results: dict, key: str, ep_size: int) -> dict[str, torch.Tensor]:
-    """Whole tensors from the ranks' gathered states: dense from rank 0, experts concatenated in EP-rank order."""
-    by_ep_rank = {}
-    for report in results.values():
-        by_ep_rank.setdefault(report["ep_rank"], report[key])
-    full = {}
-    for name, tensor in results[0][key].items():
-        full[name] = torch.cat([by_ep_rank[r][name] for r in range(ep_size)]) if is_expert_param(name) else tensor
-    return full
 
 
 def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks=1, router_aux_loss=False):
@@ -63,11 +49,6 @@ def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses, {name: param.detach().clone() for name, param in model.named_parameters()}
-
-
-def max_diff(a: dict, b: dict) -> tuple[float, str]:
-    worst = max(a, key=lambda k: (a[k] - b[k]).abs().max().item())
-    return (a[worst] - b[worst]).abs().max().item(), worst
 
 
 @pytest.mark.multiprocess

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from tests.deepspeed import test_ep_zero3_save as save_tests
-from tests.deepspeed.test_ep_zero3_train import assemble_experts
+from tests.fork_utils.expert_state import assemble_experts
 from tests.fork_utils.launcher import launch
 from tests.fork_utils.tiny_models import make_checkpoint
 
