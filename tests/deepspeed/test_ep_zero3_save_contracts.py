@@ -14,7 +14,7 @@ script, `from_pretrained` without `distributed_config`):
 PEFT LoRA on q_proj, v_proj, trained by the Trainer under ZeRO-3 with persistence threshold 0, is at parity with a
 single-process PEFT run, and `trainer.save_model` writes the adapter's real values, which reload onto a single-process
 base; LoRA on the experts (`target_parameters`) is refused on every rank before any step. Saving into a directory that
-is the root of a mounted volume works (Qwen3-MoE's 2-rank launches save there when the test may mount a tmpfs).
+is the root of a mounted volume works (every configuration's launch saves there when the test may mount a tmpfs).
 
 One launch does every save of a configuration (each launch costs 25-40 s here); the tests of its paths share it.
 """
@@ -46,12 +46,15 @@ TIMEOUT = {2: 180, 4: 360}  # seconds per launch; a healthy 2-rank launch takes 
 # One launch per configuration, in this order. `get_state_dict` last: before the fix its save leaves the ranks out
 # of step, and the script stops there.
 SAVE_PATHS = ("save_16bit_model", "save_model", "save_state", "get_state_dict")
-# On 2 ranks Qwen3-MoE saves into the roots of mounted volumes: accelerate's documented ZeRO-3 save and, with EP, the
+# Every configuration saves into the roots of mounted volumes: accelerate's documented ZeRO-3 save and, with EP, the
 # fork's `save_pretrained` on every rank (without EP, `save_pretrained` needs the gathered state dict)
 MOUNTED = {
-    ("qwen3_moe", 2, 2, SAVE_PATHS, ()): ("save_pretrained", "get_state_dict"),
-    ("qwen3_moe", 2, 1, SAVE_PATHS, ()): ("get_state_dict",),
+    (family, nproc, ep_size, SAVE_PATHS, ()): ("save_pretrained", "get_state_dict") if ep_size > 1 else ("get_state_dict",)
+    for family in ("qwen3_moe", "mixtral") for nproc in (2, 4) for ep_size in (2, 1)
 }
+# (family, ranks, EP size, save path) of the mount-point tests; the 4-rank ones are slow
+MOUNT_CASES = [(family, nproc, ep_size, path) for (family, nproc, ep_size, _, _), paths in MOUNTED.items()
+               for path in paths]
 # The paths that gather experts across the EP group (the negative control switches that gather off)
 GATHER_PATHS = ("save_16bit_model", "save_model", "save_pretrained", "get_state_dict")
 
@@ -478,9 +481,16 @@ class EPZero3SaveContractsTest(unittest.TestCase):
 
     # ----- a directory that is the root of a mounted volume
 
-    @parameterized.expand([("qwen3_moe", 2, 2, "save_pretrained"), ("qwen3_moe", 2, 2, "get_state_dict"),
-                           ("qwen3_moe", 2, 1, "get_state_dict")], name_func=config_name)
+    @parameterized.expand([case for case in MOUNT_CASES if case[1] == 2], name_func=config_name)
     def test_save_into_the_root_of_a_mounted_volume(self, family, nproc, ep_size, path):
+        self.check_save_into_mount_point(family, nproc, ep_size, path)
+
+    @parameterized.expand([case for case in MOUNT_CASES if case[1] == 4], name_func=config_name)
+    @pytest.mark.slow
+    def test_save_into_the_root_of_a_mounted_volume_slow(self, family, nproc, ep_size, path):
+        self.check_save_into_mount_point(family, nproc, ep_size, path)
+
+    def check_save_into_mount_point(self, family, nproc, ep_size, path):
         """The fork's `save_pretrained` on every rank (EP only: without EP, `save_pretrained` needs the gathered state
         dict), and accelerate's documented ZeRO-3 save, into a directory that is the root of a mounted volume (the
         launch of the configuration saves there: see `MOUNTED`)."""

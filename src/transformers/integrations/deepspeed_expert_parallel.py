@@ -315,6 +315,8 @@ def prepare_expert_parallel_model_for_deepspeed(model):
         local.ds_zero_partition_process_group = expert_data_parallel_group
         modules[module_name]._parameters[param_name] = local
         layout[name] = ExpertShardLayout(tuple(param.shape), 0, ep_mesh.get_local_rank(), ep_size)
+        # Also on the parameter itself, which keeps it when wrappers rename it (PEFT's `base_layer`)
+        local.expert_shard_layout = layout[name]
     model._expert_parallel_layout = layout
     for module_name in {name.rpartition(".")[0] for name in expert_params}:
         modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
@@ -331,12 +333,12 @@ def check_deepspeed_placement(model):
     """
     from torch.distributed import get_process_group_ranks, get_world_size
 
-    layout = model._expert_parallel_layout
     expert_data_parallel_ranks = get_process_group_ranks(model._mesh_manager.get_mesh("efsdp").get_group())
     world = list(range(get_world_size()))
     misplaced = []
     for name, param in model.named_parameters():
-        expected = (expert_data_parallel_ranks, "autoep_expert") if name in layout else (world, "replicated")
+        is_expert = getattr(param, "expert_shard_layout", None) is not None
+        expected = (expert_data_parallel_ranks, "autoep_expert") if is_expert else (world, "replicated")
         group = getattr(param, "ds_process_group", None)
         actual = (
             None if group is None else get_process_group_ranks(group),

@@ -105,7 +105,8 @@ def gather_expert_parallel_state_dict_under_zero3(module, exclude_frozen_paramet
     through `_gather_expert_parallel_tensor`, one at a time, tied tensors once.
     """
     (model,) = _expert_parallel_models_in(module)
-    layouts = {id(param): model._expert_parallel_layout.get(name) for name, param in model.named_parameters()}
+    # By the parameters themselves: wrappers may rename them (PEFT's `base_layer`)
+    layouts = {id(param): getattr(param, "expert_shard_layout", None) for param in model.parameters()}
     ep_group = model._mesh_manager.get_mesh("ep").get_group()
     writer_in_ep_group = 0 in torch.distributed.get_process_group_ranks(ep_group)
     is_writer = torch.distributed.get_rank() == 0
