@@ -12,12 +12,13 @@ PYTEST_ARGS ?=
 # One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-upstream demo bench-load \
+.PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo bench-load \
 	bench-load-dense bench-save bench-train sweep-families clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
 	@echo "make demo      set up and run the 2-rank CPU EP + ZeRO-3 demo"
+	@echo "make test-multinode  the multi-node tests: 2 virtual nodes (network namespaces, own disks; root), 3 launchers"
 	@echo "make test-upstream  upstream's test mixins on pristine and on the fork: fail on a test only pristine passes"
 	@echo "make install   create $(VENV): torch==2.13.0, deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
 	@echo "make assemble  src/transformers = pristine release + patches/series (FORCE=1 drops unrefreshed edits)"
@@ -81,6 +82,13 @@ demo: install
 test-fast: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m pytest tests -m "not multiprocess and not slow" $(PYTEST_ARGS)
+
+# The multi-node tests alone (tests/deepspeed/test_ep_zero3_multinode.py: 2 virtual nodes, each in its own network
+# namespace with its own disk; needs root): load, train, save, resume under torchrun, accelerate and DeepSpeed's
+# launcher, and the network faults. About 8 min here.
+test-multinode: install
+	$(PATCHQ) assemble --quiet
+	$(PY) -m pytest tests -m multinode $(PYTEST_ARGS)
 
 # Upstream's own tests as a regression gate (utils/upstream_tests.py): the mixins of the pinned sdist, extracted into
 # build/upstream-tests/, run through the project's model testers (tests/upstream/) for the MoE families on the pristine

@@ -1,18 +1,14 @@
 """The Trainer's save options with an expert-parallel model under DeepSpeed ZeRO-3.
 
 `save_only_model` checkpoints and `push_to_hub` must hold the whole model (every expert gathered across the
-expert-parallel group), equal to the training state; `save_on_each_node` across nodes, where the other nodes would get
-incomplete checkpoints, is refused when the Trainer is built.
+expert-parallel group), equal to the training state; with `save_on_each_node` the main rank of each node writes.
 """
 
 import json
-import os
 import shutil
 import tempfile
 import unittest
 from pathlib import Path
-from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -69,20 +65,27 @@ class EPZero3TrainerSaveOptionsTest(unittest.TestCase):
             self.assertTrue(torch.equal(weights[name], tensor), name)
 
 
-class SaveOnEachNodeTest(unittest.TestCase):
-    """The check the Trainer runs when it is built (every rank alike, before any collective)."""
+class WritingRanksTest(unittest.TestCase):
+    """Which ranks write in a gathering save, from each rank's `(is_main_process, hostname)` (multi-node runs with each
+    node's own disk: tests/deepspeed/test_ep_zero3_multinode.py)."""
 
-    def check(self, save_on_each_node, world_size, local_world_size):
-        from transformers.integrations import deepspeed_expert_parallel_save
+    def writers(self, *calls):
+        from transformers.integrations.deepspeed_expert_parallel_save import _writing_ranks
 
-        args = SimpleNamespace(save_on_each_node=save_on_each_node, world_size=world_size)
-        with mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": str(local_world_size)}):
-            deepspeed_expert_parallel_save.check_trainer_can_save_expert_parallel_model(args)
+        return _writing_ranks(list(calls))
 
-    def test_refused_across_nodes(self):
-        with self.assertRaisesRegex(NotImplementedError, r"save_on_each_node=True` with 2 nodes.*file system"):
-            self.check(True, world_size=4, local_world_size=2)
+    def test_the_main_process_alone(self):
+        # accelerate's `is_main_process`, the Trainer without `save_on_each_node`
+        self.assertEqual(self.writers((True, "a"), (False, "a"), (False, "b"), (False, "b")), [0])
 
-    def test_allowed_on_one_node_or_when_off(self):
-        self.check(True, world_size=2, local_world_size=2)
-        self.check(False, world_size=4, local_world_size=2)
+    def test_the_main_rank_of_each_node(self):
+        # the Trainer's `save_on_each_node`, accelerate's `is_local_main_process`
+        self.assertEqual(self.writers((True, "a"), (False, "a"), (True, "b"), (False, "b")), [0, 2])
+        self.assertEqual(self.writers((True, "a"), (True, "b")), [0, 1])
+
+    def test_the_default_on_every_rank_writes_once_per_host(self):
+        self.assertEqual(self.writers((True, "a"), (True, "a")), [0])
+        self.assertEqual(self.writers((True, "a"), (True, "a"), (True, "b"), (True, "b")), [0, 2])
+
+    def test_nobody(self):
+        self.assertEqual(self.writers((False, "a"), (False, "a")), [])

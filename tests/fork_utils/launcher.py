@@ -174,21 +174,9 @@ def launcher_command(
     return [*cmd, str(script), *map(str, args)]
 
 
-def launch(
-    script: str | Path,
-    args: list[str] | tuple = (),
-    nproc: int = 2,
-    launcher: str = "torchrun",
-    timeout: float = 120,
-    accelerate_config: str | Path | None = None,
-    env: dict[str, str] | None = None,
-    results_dir: str | Path | None = None,
-) -> LaunchResult:
-    """Run `script` on `nproc` ranks; never blocks longer than `timeout` plus a few seconds of cleanup."""
-    results = Path(results_dir or tempfile.mkdtemp(prefix="epfork-launch-"))
-    results.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex
-    backend = default_backend(nproc)
+def child_environment(tag: str, results: Path, backend: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launched job: its tag (to find and kill its processes), where ranks write results, the
+    backend, this checkout first on the path, and settings that keep CPU runs quiet and quick."""
     child_env = dict(os.environ)
     child_env.update(
         {
@@ -215,6 +203,25 @@ def launch(
         child_env.setdefault("DS_ACCELERATOR", "cpu")
         child_env.setdefault("CUDA_VISIBLE_DEVICES", "")
     child_env.update(env or {})
+    return child_env
+
+
+def launch(
+    script: str | Path,
+    args: list[str] | tuple = (),
+    nproc: int = 2,
+    launcher: str = "torchrun",
+    timeout: float = 120,
+    accelerate_config: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    results_dir: str | Path | None = None,
+) -> LaunchResult:
+    """Run `script` on `nproc` ranks; never blocks longer than `timeout` plus a few seconds of cleanup."""
+    results = Path(results_dir or tempfile.mkdtemp(prefix="epfork-launch-"))
+    results.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    backend = default_backend(nproc)
+    child_env = child_environment(tag, results, backend, env)
 
     command = launcher_command(
         launcher, Path(script), list(args), nproc, free_port(), Path(accelerate_config) if accelerate_config else None

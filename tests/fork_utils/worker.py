@@ -26,6 +26,8 @@ from pathlib import Path
 RESULTS_ENV = "EPFORK_RESULTS_DIR"
 FAILURE_GRACE_ENV = "EPFORK_FAILURE_GRACE_S"
 BACKEND_ENV = "EPFORK_DIST_BACKEND"
+# Collective timeout in seconds for the default process group (torch's own default otherwise: 30 min on gloo)
+PG_TIMEOUT_ENV = "EPFORK_PG_TIMEOUT_S"
 
 
 class _Tee:
@@ -73,12 +75,21 @@ def device():
     return torch.device("cpu")
 
 
+def process_group_timeout():
+    """The collective timeout the test asked for (`EPFORK_PG_TIMEOUT_S`), as a timedelta, or None for the default."""
+    from datetime import timedelta
+
+    value = os.environ.get(PG_TIMEOUT_ENV)
+    return timedelta(seconds=float(value)) if value else None
+
+
 def init_process_group():
     """Start the default process group with the launcher's backend (a no-op if something already started it)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend())
+        timeout = process_group_timeout()
+        dist.init_process_group(backend=backend(), **({"timeout": timeout} if timeout else {}))
     return dist.group.WORLD
 
 
@@ -88,7 +99,10 @@ def start_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
+    timeout = process_group_timeout()
+    return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), **({"timeout": timeout} if timeout else {}))]
+    )
 
 
 def save_result(value) -> None:

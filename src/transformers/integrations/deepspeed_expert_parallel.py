@@ -241,6 +241,33 @@ class ExpertShardLayout(NamedTuple):
     ep_size: int
 
 
+def _default_group_timeout():
+    """The collective timeout of the default process group (set by `init_process_group(timeout=...)`, e.g. through
+    `InitProcessGroupKwargs`, `TrainingArguments(ddp_timeout=...)` or `deepspeed.init_distributed(timeout=...)`)."""
+    world = torch.distributed.group.WORLD
+    for device in world._device_types:
+        options = getattr(world._get_backend(device), "options", None)
+        if options is not None and getattr(options, "_timeout", None) is not None:
+            return options._timeout
+    return None
+
+
+def _apply_default_group_timeout(process_groups):
+    """
+    Give the groups of the expert-parallel layout the default group's collective timeout. torch creates subgroups
+    (the device mesh's, DeepSpeed's expert groups) with its own default, 30 minutes for gloo, 10 for NCCL, whatever
+    the user set: a lost peer would leave the expert all-to-all or an expert-data-parallel reduction waiting that long
+    while the dense collectives time out as asked. Private torch API (`_set_pg_timeout`), the one setter it has.
+    """
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = _default_group_timeout()
+    if timeout is None:
+        return
+    for group in process_groups:
+        _set_pg_timeout(timeout, group)
+
+
 def prepare_expert_parallel_model_for_deepspeed(model):
     """
     Hand a model whose experts transformers sharded at load time (expert parallelism) over to DeepSpeed ZeRO-3, which
@@ -256,7 +283,8 @@ def prepare_expert_parallel_model_for_deepspeed(model):
        `deepspeed.initialize` can partition; the EP forward only swaps `DTensor`s for their local tensors, so it runs on
        them unchanged. Their layout is kept in `model._expert_parallel_layout` (see `ExpertShardLayout`) for saving.
     2. DeepSpeed's expert and expert-data-parallel groups (`ep_size_{ep_size}`) are created, and checked to hold the
-       same ranks as transformers' `ep` and `efsdp` mesh groups.
+       same ranks as transformers' `ep` and `efsdp` mesh groups. These groups and the mesh's take the default
+       group's collective timeout (`_apply_default_group_timeout`).
     3. Each expert parameter gets `allreduce=False` and `group_name` (so `deepspeed.initialize` broadcasts it only within
        its expert-data-parallel group, not rank 0's experts to every rank), `ds_zero_partition_process_group` (ZeRO-3
        partitions, gathers and reduce-scatters it within that group), and `ds_zero_placement_family="autoep_expert"`
@@ -301,6 +329,10 @@ def prepare_expert_parallel_model_for_deepspeed(model):
             f"groups {expected}."
         )
     expert_data_parallel_group = groups._get_expert_data_parallel_group(group_name)
+    _apply_default_group_timeout(
+        [ep_mesh.get_group(), edp_mesh.get_group(), groups._get_expert_parallel_group(group_name),
+         expert_data_parallel_group]
+    )
 
     modules = dict(model.named_modules())
     layout = {}

@@ -19,8 +19,8 @@ hold the same experts: every save path of upstream and of the ecosystem saw one 
 
 - `save_expert_parallel_model_under_zero3` is `save_pretrained` for such a model, on every rank, before or after
   `deepspeed.initialize`: the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their ZeRO-3
-  partitions, then experts across the expert-parallel group) and streamed by global rank 0 into safetensors shards
-  whose headers are planned up front (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion
+  partitions, then experts across the expert-parallel group) and streamed by global rank 0 (or the main rank of each
+  node, with the Trainer's `save_on_each_node`) into safetensors shards whose headers are planned up front (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion
   reverted tensor by tensor, the freed memory handed back after each large tensor (`_release_freed_memory`). Given the
   whole `state_dict` (accelerate's ZeRO-3 save), rank 0 writes it through the same writer.
 - Writes are atomic: staged in a hidden directory inside the target, `config.json` last, synced, then moved in file by
@@ -29,7 +29,6 @@ hold the same experts: every save path of upstream and of the ecosystem saw one 
 - DeepSpeed's 16-bit consolidation (`engine._zero3_consolidated_16bit_state_dict`, behind `accelerator.get_state_dict`,
   `accelerator.save_model`, `engine.save_16bit_model` and the Trainer's save of adapters) gathers the experts of such
   models too (`gather_experts_in_deepspeed_consolidation`).
-- The Trainer's saves are checked when it is built (`check_trainer_can_save_expert_parallel_model`).
 """
 
 import collections
@@ -56,31 +55,37 @@ if is_torch_available():
 logger = logging.get_logger(__name__)
 
 
-def _gather_expert_parallel_tensor(tensor, layout, ep_group, writer_in_ep_group):
+def _gather_expert_parallel_tensor(tensor, layout, ep_group, writers=(0,)):
     """
-    The full value of one parameter or buffer of an expert-parallel model under ZeRO-3, on CPU on global rank 0, `None`
-    on the other ranks. A collective: every rank calls it for the same tensor, in the same order.
+    The full value of one parameter or buffer of an expert-parallel model under ZeRO-3, on CPU on each of the global
+    ranks `writers`, `None` on the other ranks. A collective: every rank calls it for the same tensor, in the same order.
 
     ZeRO-3 partitions dense parameters over all ranks and expert parameters over their expert-data-parallel group;
     `GatheredParameters` assembles each over its own group (a no-op for buffers, and before `deepspeed.initialize`). An
-    expert parameter then holds this rank's experts only (see `ExpertShardLayout`): the expert-parallel group of rank 0
-    gathers them on rank 0 into the full tensor. The other expert-parallel groups hold copies of the same experts.
+    expert parameter then holds this rank's experts only (see `ExpertShardLayout`): each expert-parallel group with a
+    writer in it assembles the full tensor there, gathered onto its one writer, or onto all its ranks when it has
+    several (a save on each node with expert parallelism across nodes). Every expert-parallel group holds all experts.
     """
     import deepspeed
 
-    is_writer = torch.distributed.get_rank() == 0
+    rank = torch.distributed.get_rank()
+    is_writer = rank in writers
     with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
         local = tensor.data
         if layout is None:
             return local.to("cpu", copy=True) if is_writer else None
-        if not writer_in_ep_group:
+        group_writers = [r for r in torch.distributed.get_process_group_ranks(ep_group) if r in writers]
+        if not group_writers:
             return None
         full = parts = None
-        if is_writer:
+        if is_writer or len(group_writers) > 1:
             full = torch.empty(layout.global_shape, dtype=local.dtype, device=local.device)
             # Gathered into views of `full`, in expert-parallel rank order: no second copy of the parameter.
             parts = list(full.chunk(layout.ep_size, dim=layout.shard_dim))
-        torch.distributed.gather(local.contiguous(), parts, dst=0, group=ep_group)
+        if len(group_writers) > 1:
+            torch.distributed.all_gather(parts, local.contiguous(), group=ep_group)
+        else:
+            torch.distributed.gather(local.contiguous(), parts, dst=group_writers[0], group=ep_group)
         return full.to("cpu") if is_writer else None
 
 
@@ -108,7 +113,6 @@ def gather_expert_parallel_state_dict_under_zero3(module, exclude_frozen_paramet
     # By the parameters themselves: wrappers may rename them (PEFT's `base_layer`)
     layouts = {id(param): getattr(param, "expert_shard_layout", None) for param in model.parameters()}
     ep_group = model._mesh_manager.get_mesh("ep").get_group()
-    writer_in_ep_group = 0 in torch.distributed.get_process_group_ranks(ep_group)
     is_writer = torch.distributed.get_rank() == 0
     state_dict, gathered = collections.OrderedDict(), {}
     for name, tensor in module.state_dict(keep_vars=True).items():
@@ -116,7 +120,7 @@ def gather_expert_parallel_state_dict_under_zero3(module, exclude_frozen_paramet
             continue
         if id(tensor) not in gathered:
             layout = layouts.get(id(tensor))
-            gathered[id(tensor)] = _gather_expert_parallel_tensor(tensor, layout, ep_group, writer_in_ep_group)
+            gathered[id(tensor)] = _gather_expert_parallel_tensor(tensor, layout, ep_group)
         if is_writer:
             state_dict[name] = gathered[id(tensor)]
     if not exclude_frozen_parameters:
@@ -137,19 +141,21 @@ def _state_dict_sent_to_rank_0(model):
     return sent
 
 
-def check_trainer_can_save_expert_parallel_model(args):
+def _writing_ranks(calls):
     """
-    The Trainer's saves of an expert-parallel model under ZeRO-3 gather the weights onto global rank 0, which writes:
-    refuse, when the Trainer is built (on every rank, before training), the options that would have another rank write.
+    The ranks that write in a gathering save, from each rank's `(is_main_process, hostname)`: on each host, the first
+    rank that passed `is_main_process=True`. So rank 0 alone when only the main process passes it (accelerate's
+    `accelerator.is_main_process`, the Trainer) or on a single host; the main rank of each node with the Trainer's
+    `save_on_each_node` (`accelerator.is_local_main_process`), each node then holding the whole checkpoint on its own
+    disk. `save_pretrained` writes on every rank that passes `True`, its default: one rank per host does it here,
+    writing the same files, staged apart and committed atomically, where a file system is shared.
     """
-    nodes = args.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
-    if args.save_on_each_node and nodes > 1:
-        raise NotImplementedError(
-            f"`save_on_each_node=True` with {nodes} nodes is not supported with expert parallelism under DeepSpeed "
-            "ZeRO-3: the weights are gathered onto global rank 0 only, and the other nodes would write incomplete "
-            "checkpoints. Save to a file system that every node sees (`save_on_each_node=False`), then copy the "
-            "checkpoint to each node's disk."
-        )
+    writers, hosts = [], set()
+    for rank, (is_main_process, host) in enumerate(calls):
+        if is_main_process and host not in hosts:
+            writers.append(rank)
+            hosts.add(host)
+    return writers
 
 
 def _consolidate_expert_parallel_models_too(engine_class):
@@ -455,7 +461,6 @@ def save_expert_parallel_model_under_zero3(
     ignored = set(model._keys_to_ignore_on_save or [])
     if collective:
         ep_group = model._mesh_manager.get_mesh("ep").get_group()
-        writer_in_ep_group = 0 in dist.get_process_group_ranks(ep_group)
         tensors = {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in ignored}
         # The partitioned shape of ZeRO-3 parameters is `ds_shape`, the full one of experts is in their layout.
         meta_state_dict = _meta_state_dict(
@@ -465,7 +470,7 @@ def save_expert_parallel_model_under_zero3(
         )
 
         def fetch(name):
-            return _gather_expert_parallel_tensor(tensors[name], layout.get(name), ep_group, writer_in_ep_group)
+            return _gather_expert_parallel_tensor(tensors[name], layout.get(name), ep_group, writers)
 
         exchange_errors = _raise_on_every_rank_if_any_failed
     else:
@@ -514,12 +519,14 @@ def save_expert_parallel_model_under_zero3(
     model.config.architectures = [model.__class__.__name__]
 
     if collective:
-        # Rank 0 writes, unless it is not the main process (`is_main_process`).
-        writes = [is_main_process]
-        dist.broadcast_object_list(writes, src=0)
-        if not writes[0]:
+        calls = [None] * dist.get_world_size()
+        dist.all_gather_object(calls, (bool(is_main_process), socket.gethostname()))
+        writers = _writing_ranks(calls)
+        if not writers:
             return
-    is_writer = dist.get_rank() == 0
+    else:
+        writers = [0]
+    is_writer = dist.get_rank() in writers
     directory = os.path.realpath(save_directory)
     index_name = _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
     previous_weights = re.compile(

@@ -20,11 +20,21 @@ import argparse
 import json
 import os
 import signal
+import socket
 
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import backend, init_process_group, rank, run_rank, start_accelerator, world_size
+from tests.fork_utils.worker import (
+    backend,
+    init_process_group,
+    process_group_timeout,
+    rank,
+    results_dir,
+    run_rank,
+    start_accelerator,
+    world_size,
+)
 
 
 SEQ_LEN = 12
@@ -48,7 +58,8 @@ def parse_args():
     parser.add_argument("--first-step", type=int, default=0, help="the index of the first step (resumed runs)")
     parser.add_argument("--resume-from", default=None,
                         help="DeepSpeed checkpoint directory to load before training (Trainer: a checkpoint-N)")
-    parser.add_argument("--save-checkpoint", default=None, help="DeepSpeed checkpoint directory to save after training")
+    parser.add_argument("--save-checkpoint", default=None,
+                        help="DeepSpeed checkpoint directory to save after training (accelerate: save_state)")
     parser.add_argument("--save-dir", default=None, help="save_pretrained (Trainer.save_model) here after training")
     parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
     parser.add_argument("--output-dir", default=None, help="Trainer: output_dir (default: the rank results dir)")
@@ -65,6 +76,13 @@ def parse_args():
                         help="--save-dir through the engine's consolidated state dict and save_pretrained(state_dict=)")
     parser.add_argument("--convert-whole-shards", action="store_true",
                         help="save as when a conversion needs several tensors at once: each shard collected whole")
+    parser.add_argument("--save-on-each-node", action="store_true",
+                        help="Trainer: save_on_each_node=True; otherwise: DeepSpeed checkpoints on node-local storage "
+                             "and save_pretrained by the main rank of each node")
+    parser.add_argument("--record-collectives", action="store_true",
+                        help="record each collective's group and bytes during training (multi-node layout checks)")
+    parser.add_argument("--marker-at-step", type=int, default=None,
+                        help="create <results>/step<N> when step N starts (for a test to inject a fault then)")
     return parser.parse_args()
 
 
@@ -106,7 +124,7 @@ def deepspeed_config(args) -> dict:
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
@@ -115,6 +133,10 @@ def deepspeed_config(args) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+    if args.save_on_each_node and args.entry != "trainer":
+        # each node writes its own ranks' files and the model states (the Trainer sets this for save_on_each_node)
+        config["checkpoint"] = {"use_node_local_storage": True}
+    return config
 
 
 def make_optimizer(args, params):
@@ -156,7 +178,8 @@ def register_deepspeed(args):
             # CPU only: accelerate would start DeepSpeed's state without a backend and see 1 process. Start it with
             # gloo and let TrainingArguments reuse it (`use_configured_state`). GPU runs need none of this.
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
+            timeout = process_group_timeout()
+            PartialState(backend="gloo", **({"timeout": timeout} if timeout else {}))
         config = deepspeed_config(args)
         config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
         return TrainingArguments(
@@ -173,6 +196,7 @@ def register_deepspeed(args):
             save_strategy="steps" if args.save_steps else "no",
             save_steps=args.save_steps or 500,
             save_only_model=args.save_only_model,
+            save_on_each_node=args.save_on_each_node,
             report_to="none",
             disable_tqdm=True,
             seed=args.seed,
@@ -195,6 +219,8 @@ def train_deepspeed(args, model, data, record):
     for step in range(args.steps):
         if step == args.die_at_step and rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.marker_at_step and rank() == 0:
+            (results_dir() / f"step{step}").touch()
         input_ids = rows_of(data, args, step)
         outputs = engine(input_ids=input_ids, labels=input_ids)
         engine.backward(outputs.loss)
@@ -217,6 +243,8 @@ def train_accelerate(args, accelerator, model, data, record):
     rows = [{"input_ids": row, "labels": row} for row in data]
     loader = DataLoader(rows, batch_size=args.micro_batch, shuffle=False)
     engine, optimizer, loader = accelerator.prepare(model, make_optimizer(args, model.parameters()), loader)
+    if args.resume_from:
+        accelerator.load_state(args.resume_from)
     record["initial"] = gathered_state(engine.module)
     for batch in loader:
         loss = engine(**batch).loss
@@ -226,6 +254,8 @@ def train_accelerate(args, accelerator, model, data, record):
         record["inputs"].append(batch["input_ids"].clone())
         record["losses"].append(loss.item())
     record["clip"] = engine.gradient_clipping()
+    if args.save_checkpoint:
+        accelerator.save_state(args.save_checkpoint)
     return engine
 
 
@@ -287,6 +317,11 @@ def push_to_fake_hub(trainer) -> dict | None:
 
 def main():
     args = parse_args()
+    if args.record_collectives:
+        from tests.fork_utils import collectives
+
+        # before transformers and DeepSpeed are imported: some bind collectives by name
+        collectives.record_collectives()
     registered = register_deepspeed(args)
 
     from transformers import AutoModelForCausalLM
@@ -305,6 +340,8 @@ def main():
     model.train()
     data = dataset_rows(args, model.config.vocab_size)
     record = {"inputs": [], "losses": [], "aux_losses": []}
+    if args.record_collectives:
+        collectives.clear()  # the training steps (and saves) only, not the load
     if args.entry == "deepspeed":
         engine = train_deepspeed(args, model, data, record)
         module = engine.module
@@ -331,10 +368,21 @@ def main():
                 model.save_pretrained(args.save_dir, state_dict=state_dict, is_main_process=rank() == 0,
                                       max_shard_size=args.max_shard_size)
             else:
-                model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size)
+                # as accelerate scripts pass it: `accelerator.is_local_main_process` to save on each node
+                local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
+                model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size,
+                                      is_main_process=local_main if args.save_on_each_node else rank() == 0)
         except Exception as e:
             record["save_error"] = f"{type(e).__name__}: {e}"
+    if args.record_collectives:
+        record["collectives"] = collectives.recorded()
+        record["groups"] = {
+            "ep": dist.get_process_group_ranks(model._mesh_manager.get_mesh("ep").get_group()),
+            "edp": dist.get_process_group_ranks(model._mesh_manager.get_mesh("efsdp").get_group()),
+        }
     record.update(
+        node=os.environ.get("EPFORK_NODE"),
+        hostname=socket.gethostname(),
         rank=rank(),
         world_size=world_size(),
         backend=dist.get_backend(),
