@@ -34,7 +34,8 @@ from transformers.integrations.deepspeed_expert_parallel_memory import (
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "ep_memory_plan.py"
-TIMEOUT = 240
+# Per launch: start-up, then each case (load, deepspeed.initialize, a step, a save) on a loaded 2-core machine
+TIMEOUT_START, TIMEOUT_PER_CASE = 120, 60
 TOLERANCE = 0.10
 # Big enough for the tensors to dominate the RSS noise of a process (a few MB): 16 experts of hidden 512 and
 # moe_intermediate 512, 2 layers, fp32: 100 MB of experts (largest tensor 33.5 MB), 5 MB of dense weights.
@@ -226,7 +227,8 @@ class MemoryPlanAgainstMeasuredTest(unittest.TestCase):
             nproc, cases = LAUNCHES[launch_name]
             args = ["--checkpoint", self.checkpoint, "--cases", json.dumps(cases),
                     "--save-dir", self.tmp / f"saves-{launch_name}", "--bucket", BUCKET]
-            result = launch(SCRIPT, args, nproc=nproc, timeout=TIMEOUT, env=MALLOC_ENV).check()
+            timeout = TIMEOUT_START + TIMEOUT_PER_CASE * (len(cases) + 1) * nproc // 2
+            result = launch(SCRIPT, args, nproc=nproc, timeout=timeout, env=MALLOC_ENV).check()
             type(self).measured[launch_name] = result.results()
         return self.measured[launch_name]
 
