@@ -32,7 +32,7 @@ help:
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P ...\"  per-rank memory of EP + ZeRO-3 (no weights read)"
-	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, offload (about 5 min)"
+	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, offload (about 7 min)"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -133,7 +133,7 @@ plan-memory: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m transformers.integrations.deepspeed_expert_parallel_memory $(ARGS)
 
-# The planner's figures against measured CPU runs, 2 and 4 ranks (CI runs the 2-rank EP 2 part only), about 5 min.
+# The planner's figures against measured CPU runs, 2 and 4 ranks (CI runs the 2-rank EP 2 part only), about 7 min.
 check-memory-plan: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_MEMORY_PLAN_SWEEP=1 $(PY) -m pytest tests/deepspeed/test_ep_zero3_memory_plan.py -v -s $(PYTEST_ARGS)

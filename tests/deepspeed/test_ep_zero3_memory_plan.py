@@ -163,7 +163,8 @@ class MemoryPlanArithmeticTest(unittest.TestCase):
         self.assertEqual(plan.load_share, (dense + experts // 2) * 4)  # dense whole, half of the experts
         self.assertEqual(plan.load_working_set, layer0 // 2 * 4)
         largest = max(shapes.values()) * 4
-        self.assertEqual(plan.save_writer_working_set, int(2.5 * largest))
+        self.assertEqual(plan.save_writer_working_set, int(2.5 * largest))  # 2 + 1/P
+        self.assertEqual(plan_memory(self.tmp, 4, 4, "fp32").save_writer_working_set, int(2.25 * largest))
         without_ep = plan_memory(self.tmp, 4, 1, "fp32")
         self.assertEqual(without_ep.save_writer_working_set, sum(shapes.values()) * 4 + 2 * largest)
         self.assertEqual(plan.load_peak, plan.load_share + plan.load_working_set)

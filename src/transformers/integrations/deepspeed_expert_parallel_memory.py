@@ -66,11 +66,12 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
 # Save working sets in units of the largest full tensor (one layer's fused experts, all of them), memory in use as
 # measured on CPU by tests/deepspeed/test_ep_zero3_memory_plan.py (glibc's mmap threshold fixed, so that freed memory
 # goes back at once; with glibc's default, RSS can peak up to about one such tensor higher, `make bench-save`).
-# Streamed save (EP): the gathered tensor, the gather's receive buffers, the copies converted back to the checkpoint's
-# layout. Consolidated save (no EP): the whole model plus one gathered tensor and its copy.
-SAVE_WRITER_COPIES = 2.5
-SAVE_OTHER_RANK_COPIES = 1.0
+# Streamed save (EP size P): the writing rank 2 + 1/P (the full tensor, its gathered experts, the copies written out),
+# the others 2/P. Consolidated save (no EP): the whole model plus 2 (writing rank) and 2.5 (the others).
+SAVE_WRITER_COPIES = 2.0
+SAVE_OTHER_RANK_COPIES = 2.0
 CONSOLIDATED_SAVE_COPIES = 2.0
+CONSOLIDATED_OTHER_RANK_COPIES = 2.5
 # The loader's working set, in units of one decoder layer's experts as the rank holds them at load
 LOAD_WORKING_SET_LAYERS = 1.0
 
@@ -285,8 +286,11 @@ class MemoryPlan:
         return out
 
     def format(self) -> str:
+        # GiB, or MiB for small models (the tests' tiny ones)
+        unit, scale = ("GiB", GIB) if max(self.load_peak, self.save_writer_peak) >= GIB else ("MiB", 2**20)
+
         def gib(value):
-            return f"{value / GIB:10.2f}"
+            return f"{value / scale:10.2f}"
 
         zero = self.zero
         offload = [what for what, on in (("param", zero.offload_param), ("optimizer", zero.offload_optimizer)) if on]
@@ -297,7 +301,7 @@ class MemoryPlan:
             f"(expert-data-parallel {self.world_size // self.ep_size}), "
             f"offload: {', '.join(offload) or 'none'}, persistence threshold {zero.param_persistence_threshold}",
             "",
-            "per rank, GiB                        dense    experts      total   where",
+            f"per rank, {unit}                        dense    experts      total   where",
         ]
         for label, state in self.states().items():
             lines.append(f"{label:32s}{gib(state.dense)} {gib(state.experts)} {gib(state.total)}   {state.device}")
@@ -305,18 +309,18 @@ class MemoryPlan:
             f"{'ZeRO-3 state':32s}{'':22s}{gib(self.zero3_state)}",
             f"{'reduce bucket':32s}{'':22s}{gib(self.reduce_bucket)}   gpu",
             f"{'gathered parameters (up to)':32s}{'':22s}{gib(self.gathered_parameters)}   gpu"
-            f"   (prefetch bucket {self.prefetch_bucket / GIB:.2f})",
+            f"   (prefetch bucket {self.prefetch_bucket / scale:.2f})",
             "",
             f"{'GPU per rank':32s}{'':22s}{gib(self.per_device('gpu'))}   + activations (not modelled)",
             f"{'host per rank (training)':32s}{'':22s}{gib(self.per_device('host'))}",
-            f"{'load peak per rank':32s}{'':22s}{gib(self.load_peak)}   rank's share {self.load_share / GIB:.2f}"
-            f" + working set {self.load_working_set / GIB:.2f}",
+            f"{'load peak per rank':32s}{'':22s}{gib(self.load_peak)}   rank's share {self.load_share / scale:.2f}"
+            f" + working set {self.load_working_set / scale:.2f}",
             f"{'save peak, writing rank':32s}{'':22s}{gib(self.save_writer_peak)}   state + working set "
-            f"{self.save_writer_working_set / GIB:.2f} (other ranks + {self.save_other_working_set / GIB:.2f})",
+            f"{self.save_writer_working_set / scale:.2f} (other ranks + {self.save_other_working_set / scale:.2f})",
             "",
-            f"per node ({self.ranks_per_node} ranks): GPU {self.per_node('gpu') / GIB:.2f} GiB, host (training) "
-            f"{self.per_node('host') / GIB:.2f} GiB, "
-            f"host at load {self.load_peak * self.ranks_per_node / GIB:.2f} GiB",
+            f"per node ({self.ranks_per_node} ranks): GPU {self.per_node('gpu') / scale:.2f} {unit}, host (training) "
+            f"{self.per_node('host') / scale:.2f} {unit}, "
+            f"host at load {self.load_peak * self.ranks_per_node / scale:.2f} {unit}",
             "activations are not modelled; inputs: "
             + ", ".join(f"{k}={v}" for k, v in self.activation_inputs.items()),
         ]
@@ -370,9 +374,9 @@ def save_working_set(infos: list[ParameterInfo], ep_size: int, element_size: int
     """
     largest = max(info.numel * (ep_size if info.is_expert else 1) for info in infos) * element_size
     if ep_size > 1:
-        return int(SAVE_WRITER_COPIES * largest), int(SAVE_OTHER_RANK_COPIES * largest)
+        return int((SAVE_WRITER_COPIES + 1 / ep_size) * largest), int(SAVE_OTHER_RANK_COPIES / ep_size * largest)
     whole = sum(info.numel for info in infos) * element_size
-    return whole + int(CONSOLIDATED_SAVE_COPIES * largest), int(CONSOLIDATED_SAVE_COPIES * largest)
+    return whole + int(CONSOLIDATED_SAVE_COPIES * largest), int(CONSOLIDATED_OTHER_RANK_COPIES * largest)
 
 
 def activation_inputs(config, micro_batch: int | None = None, sequence_length: int | None = None) -> dict:
