@@ -228,7 +228,7 @@ class MemoryPlanAgainstMeasuredTest(unittest.TestCase):
             nproc, cases = LAUNCHES[launch_name]
             args = ["--checkpoint", self.checkpoint, "--cases", json.dumps(cases),
                     "--save-dir", self.tmp / f"saves-{launch_name}", "--bucket", BUCKET]
-            timeout = TIMEOUT_START + TIMEOUT_PER_CASE * (len(cases) + 1) * nproc // 2
+            timeout = TIMEOUT_START + TIMEOUT_PER_CASE * len(cases) * nproc // 2
             result = launch(SCRIPT, args, nproc=nproc, timeout=timeout, env=MALLOC_ENV).check()
             type(self).measured[launch_name] = result.results()
         return self.measured[launch_name]

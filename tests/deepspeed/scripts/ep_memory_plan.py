@@ -10,7 +10,8 @@ For each configuration (``--cases`` JSON: ``[{"ep_size": 2, "offload": ["optimiz
 3. ``save_pretrained`` on every rank (with EP the streamed save; without, accelerate's ZeRO-3 save through the
    engine's consolidated state dict), the peak anonymous RSS over it;
 4. everything freed before the next configuration.
-The first configuration runs once more first, unreported: a process's first load and engine pay one-time costs.
+The first configuration also warms the process up: its peaks include one-time costs (imports, DeepSpeed's first
+engine), so the test compares only its state.
 Nothing is asserted here: the test compares these figures with ``plan_memory``'s.
 """
 
@@ -24,15 +25,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks.proc_stats import proc_status_kb
 from tests.fork_utils.worker import init_process_group, rank, run_rank
 
 
 def anon_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
+    return proc_status_kb("RssAnon")
 
 
 def release_free_memory():
@@ -176,10 +174,7 @@ def main():
     parser.add_argument("--bucket", type=int, default=50_000)
     args = parser.parse_args()
     init_process_group()
-    cases = json.loads(args.cases)
-    # A first run pays one-time costs (imports, DeepSpeed's first engine) that are not the model's: not reported
-    run_case({**cases[0], "name": "warm-up"}, args)
-    return {case["name"]: run_case(case, args) for case in cases}
+    return {case["name"]: run_case(case, args) for case in json.loads(args.cases)}
 
 
 if __name__ == "__main__":
