@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 # One JIT-extension cache for every process, built once by `make install` (DeepSpeed's CPU comm op, 45-60 s).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo bench-load \
-	bench-load-dense bench-save bench-train sweep-families clean
+.PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo \
+	bench-load bench-load-dense bench-save bench-train sweep-families plan-memory check-memory-plan clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -32,6 +32,8 @@ help:
 	@echo "make bench-save  2-rank CPU save: EP + ZeRO-3 save_pretrained, get_state_dict vs one process (BENCH_ARGS=\"--layers 8 2\")"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
+	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P ...\"  per-rank memory of EP + ZeRO-3 (no weights read)"
+	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, offload (about 7 min)"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -130,6 +132,19 @@ sweep-families: install
 bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)
+
+# Memory planner (integrations/deepspeed_expert_parallel_memory.py): per-rank ZeRO-3 state, working buffers, load and
+# save peaks of an EP + ZeRO-3 run from a model id, directory or config JSON, on the meta device.
+# ARGS="examples/ep_deepspeed/memory_configs/qwen3_30b_a3b.json --world-size 16 --ep-size 8 --offload-optimizer"
+ARGS ?=
+plan-memory: install
+	$(PATCHQ) assemble --quiet
+	$(PY) -m transformers.integrations.deepspeed_expert_parallel_memory $(ARGS)
+
+# The planner's figures against measured CPU runs, 2 and 4 ranks (CI runs the 2-rank EP 2 part only), about 7 min.
+check-memory-plan: install
+	$(PATCHQ) assemble --quiet
+	EPFORK_MEMORY_PLAN_SWEEP=1 $(PY) -m pytest tests/deepspeed/test_ep_zero3_memory_plan.py -v -s $(PYTEST_ARGS)
 
 # src/transformers also holds the fork's own (tracked) modules: patchq removes only what assembly made.
 clean:
