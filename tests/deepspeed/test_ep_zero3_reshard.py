@@ -1,9 +1,10 @@
 """A DeepSpeed ZeRO-3 checkpoint of an expert-parallel MoE resumes on another topology with its Adam state.
 
-Each hop of a chain trains 3 steps on one topology from the previous hop's DeepSpeed checkpoint (`engine.save_checkpoint`),
-loaded with `load_checkpoint_on_new_topology`, and saves its own. Every step has the same global batch whatever the
-number of ranks, so after hop k the run has trained on the global batches of one uninterrupted run of 3(k+1) steps,
-which one process trains as the reference: the losses of every step, the final weights and Adam's moments must match it.
+Each hop of a chain trains 3 steps on one topology from the previous hop's DeepSpeed checkpoint
+(`engine.save_checkpoint`), loaded with `load_checkpoint_on_new_topology`, and saves its own. Every step has the same
+global batch whatever the number of ranks, so after hop k the run has trained on the global batches of one
+uninterrupted run of 3(k+1) steps, which one process trains as the reference: the losses of every step, the final
+weights and Adam's moments must match it.
 Right after each load, the weights and moments every rank holds must equal, bit for bit, those the previous hop ended
 with (the resharding is exact). A hop whose moments are zeroed after the load lands off the reference (negative
 control), and DeepSpeed's own `engine.load_checkpoint` refuses the other topologies on every rank.
@@ -41,8 +42,9 @@ def global_batch(step: int, vocab_size: int) -> torch.Tensor:
 
 
 def train_reference(checkpoint, steps: int, chunks: int = 1):
-    """One process, AdamW (gradients clipped as DeepSpeed clips them) on each step's global batch; `chunks` > 1 averages the losses of that many parts (the same
-    mean in another summation order: the noise floor). Returns the losses, the weights and Adam's moments by name."""
+    """One process, AdamW (gradients clipped as DeepSpeed clips them) on each step's global batch; `chunks` > 1
+    averages the losses of that many parts (the same mean in another summation order: the noise floor). Returns the
+    losses, the weights and Adam's moments by name."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -65,11 +67,11 @@ def train_reference(checkpoint, steps: int, chunks: int = 1):
 
 def whole_state(results: dict, key: str, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
     """The whole tensors of the ranks' `key` snapshot ("loaded" or "final"): parameters and moments."""
-    return {
-        kind: assemble_experts({r: {"ep_rank": res["ep_rank"], key: res[key][kind]} for r, res in results.items()},
-                               key, ep_size)
-        for kind in ("param", *MOMENT_KEYS)
-    }
+    by_kind = {}
+    for kind in ("param", *MOMENT_KEYS):
+        reports = {r: {"ep_rank": report["ep_rank"], key: report[key][kind]} for r, report in results.items()}
+        by_kind[kind] = assemble_experts(reports, key, ep_size)
+    return by_kind
 
 
 @pytest.mark.multiprocess
@@ -104,8 +106,10 @@ class EPZero3ReshardTest(unittest.TestCase):
         ref_losses, ref_state = self.reference(steps)
         mean_losses = [sum(results[r]["losses"][s] for r in range(nproc)) / nproc for s in range(STEPS_PER_HOP)]
         relative = [abs(got - want) / want for got, want in zip(mean_losses, ref_losses[-STEPS_PER_HOP:])]
-        self.assertLessEqual(max(relative), 1e-5, f"steps {steps - STEPS_PER_HOP}..{steps - 1}: losses {mean_losses} vs "
-                             f"the reference's {ref_losses[-STEPS_PER_HOP:]} (relative differences {relative})")
+        self.assertLessEqual(
+            max(relative), 1e-5, f"steps {steps - STEPS_PER_HOP}..{steps - 1}: losses {mean_losses} vs the "
+            f"reference's {ref_losses[-STEPS_PER_HOP:]} (relative differences {relative})"
+        )
         final = whole_state(results, "final", ep_size)
         # The noise floor: the reference rerun with its batch summed in the ranks' parts (~1e-6 to 4e-5 here). Lost or
         # misplaced moments are off by a fraction of an update (~lr) per step, orders of magnitude more.
@@ -137,13 +141,33 @@ class EPZero3ReshardTest(unittest.TestCase):
                 self.assert_loaded_exactly(results, ep_size, final, STEPS_PER_HOP * index)
             final = self.assert_at_parity_with_one_process(results, ep_size, STEPS_PER_HOP * (index + 1))
             previous = name
-        return final
+        return previous
 
-    def test_ep2_to_ep1_and_back_on_2_ranks(self):
-        """EP 2 -> without EP (plain ZeRO-3) -> EP 2, on 2 ranks."""
-        self.run_chain([(2, 2), (2, 1), (2, 2)])
+    def test_ep2_to_ep1_on_2_ranks_and_lost_moments_are_caught(self):
+        """EP 2 -> without EP (plain ZeRO-3), on 2 ranks. Negative control: the same hop with Adam's moments zeroed
+        after the load lands off the reference, and DeepSpeed's own loader refuses the checkpoint on every rank."""
+        self.run_chain([(2, 2), (2, 1)])
+        results = self.hop("lost-moments", 2, 1, resume_from="hop0-2ranks-ep2", first_step=3, extra=["--zero-moments"])
+        with self.assertRaisesRegex(AssertionError, "vs the reference|off by"):  # losses, or else weights
+            self.assert_at_parity_with_one_process(results, 1, 6)
+        refused = self.hop("refused", 2, 1, resume_from="hop0-2ranks-ep2", first_step=3, extra=["--resume-with",
+                                                                                                  "deepspeed"])
+        for rank, report in refused.items():
+            self.assertRegex(report.get("resume_error", ""), "same parameter placement topology", f"rank {rank}")
 
     @pytest.mark.slow
     def test_2_to_4_ranks_then_ep2_to_ep4_then_back_to_2_ranks(self):
         """2 ranks EP 2 -> 4 ranks EP 2 (EP x expert-data-parallel 2) -> 4 ranks EP 4 -> 2 ranks EP 2."""
         self.run_chain([(2, 2), (4, 2), (4, 4), (2, 2)])
+
+    def test_trainer_resumes_without_ep_checkpoint_with_ep2(self):
+        """`Trainer.train(resume_from_checkpoint=...)` on 2 ranks with EP 2 from a checkpoint of 2 ranks without EP."""
+        common = ["--checkpoint", self.checkpoint, "--entry", "trainer", "--steps", STEPS_PER_HOP, "--global-batch",
+                  GLOBAL_BATCH, "--lr", LR, "--output-dir", self.tmp / "trainer"]
+        launch(SCRIPT, [*common, "--ep-size", 1, "--save-steps", STEPS_PER_HOP], nproc=2, timeout=TIMEOUT).check()
+        checkpoint = self.tmp / "trainer" / f"checkpoint-{STEPS_PER_HOP}"
+        resumed = launch(SCRIPT, [*common, "--ep-size", 2, "--first-step", STEPS_PER_HOP, "--resume-from", checkpoint],
+                         nproc=2, timeout=TIMEOUT).check().results()
+        for rank, report in resumed.items():
+            self.assertEqual(len(report["losses"]), STEPS_PER_HOP, f"rank {rank} did not skip the trained steps")
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)

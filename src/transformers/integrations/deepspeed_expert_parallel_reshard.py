@@ -29,8 +29,8 @@ the ranks it was partitioned over (`ds_zero_partition_groups`, optimizer-states 
 model without expert parallelism). From them it rebuilds each parameter's whole fp32 weight, `exp_avg` and `exp_avg_sq`
 (partitions concatenated within their group; an expert tensor's slices in the order of the expert-parallel ranks that
 held them), then fills each rank's partitions of the new engine: the model's partition, the fp32 master and the
-moments, the optimizer step, hyperparameters, learning-rate scheduler and the engine's step counters. One parameter at a
-time, from memory-mapped files: a rank holds at most one whole parameter's tensors beyond its own state.
+moments, the optimizer step, hyperparameters, learning-rate scheduler and the engine's step counters. One parameter
+at a time, from memory-mapped files: a rank holds at most one whole parameter's tensors beyond its own state.
 """
 
 import glob
@@ -57,7 +57,8 @@ _DEEPSPEED_MODEL_STATE_KEYS = frozenset(
     {
         "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
         "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-        "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "checkpoint_parallel_dimensions",
+        "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+        "checkpoint_parallel_dimensions",
         "ds_config", "ds_version",
     }
 )
@@ -166,7 +167,7 @@ class SavedZero3Checkpoint:
             if "step" in state
         }
         if len(steps) > 1:
-            raise ValueError(f"The sub-groups of {self.checkpoint_dir} were saved at different steps: {sorted(steps)}.")
+            raise ValueError(f"The sub-groups of {self.checkpoint_dir} were saved at the steps {sorted(steps)}.")
         return steps.pop() if steps else None
 
     def optimizer_hyperparameters(self) -> list[dict]:
@@ -251,7 +252,7 @@ def _whole_for_this_rank(saved: SavedZero3Checkpoint, name: str, param, key: str
 
 
 def _trained_parameters(engine) -> dict[str, "torch.nn.Parameter"]:
-    """The parameters the optimizer holds. Frozen ones are not in its states; they keep what the model was loaded with."""
+    """The parameters the optimizer holds. Frozen ones are not in its states: they keep what the model loaded."""
     return {name: param for name, param in engine.module.named_parameters() if param.requires_grad}
 
 
@@ -377,3 +378,38 @@ def load_checkpoint_on_new_topology(
             f"{'included' if load_optimizer_states else 'not loaded'}."
         )
     return checkpoint_dir, client_state
+
+
+def checkpoint_topology_differs(engine, checkpoint_dir: str) -> bool:
+    """
+    Whether the DeepSpeed ZeRO-3 checkpoint in `checkpoint_dir` was written on another topology than `engine`'s:
+    another number of ranks, or other ZeRO-3 sub-groups (another EP size, or expert parallelism turned on or off,
+    changes the shapes of the expert parameters each rank holds and the sub-groups they are in). Every rank reads the same file
+    (rank 0's parameter shapes) and compares it with its own, the same on every rank: every rank gets the same answer.
+    """
+    import torch.distributed as dist
+
+    model_files = _checkpoint_files(checkpoint_dir, "model")
+    if len(model_files) != dist.get_world_size() or 0 not in model_files:
+        return True
+    saved_shapes = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)["param_shapes"]
+    current_shapes = engine._get_zero_param_shapes()
+    return [list(group.items()) for group in saved_shapes] != [list(group.items()) for group in current_shapes]
+
+
+def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load_module_strict: bool = True):
+    """
+    The Trainer's resume from a checkpoint folder (`checkpoint-N`, holding DeepSpeed's `global_stepN`): DeepSpeed's
+    `load_checkpoint` when the checkpoint was written on this topology, `load_checkpoint_on_new_topology` when it was
+    written on another number of ranks or EP size under ZeRO-3, which DeepSpeed's loader refuses.
+    """
+    from .deepspeed import deepspeed_load_checkpoint
+
+    if engine.zero_optimization_partition_weights() and glob.glob(os.path.join(checkpoint_path, "global_step*")):
+        with errors_raised_on_every_rank("Reading the checkpoint's topology"):
+            differs = checkpoint_topology_differs(engine, resolve_checkpoint_dir(checkpoint_path))
+        if differs:
+            logger.info(f"{checkpoint_path} was saved on another topology: resharding it for this one.")
+            load_checkpoint_on_new_topology(engine, checkpoint_path)
+            return
+    deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)

@@ -8,7 +8,9 @@ trains on the global batches of one uninterrupted run, which the test trains in 
 ``--ep-size 1`` loads the model without a ``DistributedConfig``: a plain ZeRO-3 model (experts partitioned over all
 ranks like every other parameter), which is what EP size 1 means under DeepSpeed in this fork.
 ``--resume-with``: ``reshard`` (``load_checkpoint_on_new_topology``), ``deepspeed`` (``engine.load_checkpoint``),
-``accelerate`` (``accelerator.load_state`` under ``accelerate launch``); ``--zero-moments`` zeroes Adam's moments after
+``accelerate`` (``accelerator.load_state`` under ``accelerate launch``); ``--entry trainer`` trains with the
+``Trainer`` instead (rows in order, a checkpoint every ``--save-steps`` into ``--output-dir``), resuming with its
+``resume_from_checkpoint``; ``--zero-moments`` zeroes Adam's moments after
 the load (negative control). Reported per rank: losses, the parameters and Adam moments right after the load and at
 the end (dense whole, experts this rank's EP slice), the rank's EP rank. Nothing is asserted here.
 """
@@ -38,6 +40,9 @@ def parse_args():
     parser.add_argument("--resume-with", choices=["reshard", "deepspeed", "accelerate"], default="reshard")
     parser.add_argument("--zero-moments", action="store_true", help="negative control: Adam's moments lost")
     parser.add_argument("--save-checkpoint", default=None)
+    parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed")
+    parser.add_argument("--output-dir", default=None, help="Trainer: where its checkpoints go")
+    parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
     return parser.parse_args()
 
 
@@ -51,6 +56,7 @@ def deepspeed_config(args) -> dict:
         "train_micro_batch_size_per_gpu": args.global_batch // world_size(),
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -70,8 +76,61 @@ def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
     return state
 
 
+def training_arguments(args):
+    """`TrainingArguments(deepspeed=...)` as a user writes them, on CPU ranks started with gloo (see ep_train.py)."""
+    import os
+
+    from accelerate import PartialState
+
+    from transformers import TrainingArguments
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    config = deepspeed_config(args)
+    config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", gradient_clipping="auto")
+    return TrainingArguments(
+        output_dir=args.output_dir, deepspeed=config, per_device_train_batch_size=args.global_batch // world_size(),
+        max_steps=args.first_step + args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0, save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500, report_to="none", disable_tqdm=True,
+        accelerator_config={"use_configured_state": True},
+    )
+
+
+def train_with_trainer(args, training_args, model, record):
+    """The rows of every step in order (step s's global batch, dealt to the ranks in rank order), from step 0: the
+    Trainer skips the steps a resumed checkpoint already trained."""
+    from transformers import Trainer
+
+    steps = range(args.first_step + args.steps)
+    rows = torch.cat([global_batch(args, step, model.config.vocab_size) for step in steps])
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return {"input_ids": rows[i], "labels": rows[i]}
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # Averaged over the ranks, the global batch's mean loss (see ep_train.py)
+            record["losses"].append(loss.item())
+            return loss
+
+    trainer = InOrderTrainer(model=model, args=training_args, train_dataset=Rows())
+    trainer.train(resume_from_checkpoint=args.resume_from)
+    return trainer.model_wrapped
+
+
 def main():
     args = parse_args()
+    if args.entry == "trainer":
+        return main_trainer(args)
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     from transformers.integrations.deepspeed_expert_parallel_reshard import load_checkpoint_on_new_topology
@@ -137,6 +196,28 @@ def main():
         rank=rank(),
         world_size=world_size(),
         ep_rank=mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0,
+        global_steps=engine.global_steps,
+    )
+    dist.barrier()
+    return record
+
+
+def main_trainer(args):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    training_args = training_arguments(args)
+    distributed_config = DistributedConfig(ep_size=args.ep_size) if args.ep_size > 1 else None
+    model = AutoModelForCausalLM.from_pretrained(
+        args.checkpoint, distributed_config=distributed_config, dtype=torch.float32
+    )
+    record = {"losses": []}
+    engine = train_with_trainer(args, training_args, model, record)
+    record.update(
+        final=snapshot(engine.module),
+        rank=rank(),
+        world_size=world_size(),
+        ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0,
         global_steps=engine.global_steps,
     )
     dist.barrier()
