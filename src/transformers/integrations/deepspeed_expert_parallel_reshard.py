@@ -384,8 +384,8 @@ def checkpoint_topology_differs(engine, checkpoint_dir: str) -> bool:
     """
     Whether the DeepSpeed ZeRO-3 checkpoint in `checkpoint_dir` was written on another topology than `engine`'s:
     another number of ranks, or other ZeRO-3 sub-groups (another EP size, or expert parallelism turned on or off,
-    changes the shapes of the expert parameters each rank holds and the sub-groups they are in). Every rank reads the same file
-    (rank 0's parameter shapes) and compares it with its own, the same on every rank: every rank gets the same answer.
+    changes the shapes of the expert parameters each rank holds and the sub-groups they are in). Every rank reads the
+    same file (rank 0's parameter shapes) and compares it with its own, alike on every rank: the same answer on all.
     """
     import torch.distributed as dist
 
