@@ -1,0 +1,441 @@
+# Copyright 2026 The HuggingFace Team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Resume a DeepSpeed ZeRO-3 checkpoint of an expert-parallel model on another topology: another number of ranks, another
+EP size, or without expert parallelism (and back), with the fp32 master weights and the Adam moments.
+
+DeepSpeed's own loader (`engine.load_checkpoint`, also behind `accelerator.load_state` and the Trainer's
+`resume_from_checkpoint`) needs the topology the checkpoint was written with: it refuses another data-parallel world
+size ("The checkpoint being loaded used a DP world size of ...") and, for a model whose experts are partitioned over
+expert-data-parallel groups, another placement ("AutoEP ZeRO-3 checkpoints can only be loaded with the same parameter
+placement topology"). Its Universal Checkpoint converter (`ds_to_universal.py`) rebuilds experts only from the metadata
+DeepSpeed's own AutoEP layers write (`ds_autoep_layers`), which transformers' expert modules do not have: it would
+concatenate the partitions of different experts as if they were one tensor's.
+
+`load_checkpoint_on_new_topology(engine, load_dir)` reads the checkpoint files of the old topology instead, which say
+everything needed: for each ZeRO-3 sub-group, the parameters' names and shapes (`param_shapes`, model-states files) and
+the ranks it was partitioned over (`ds_zero_partition_groups`, optimizer-states files; every rank when absent, for a
+model without expert parallelism). From them it rebuilds each parameter's whole fp32 weight, `exp_avg` and `exp_avg_sq`
+(partitions concatenated within their group; an expert tensor's slices in the order of the expert-parallel ranks that
+held them), then fills each rank's partitions of the new engine: the model's partition, the fp32 master and the
+moments, the optimizer step, hyperparameters, learning-rate scheduler and the engine's step counters. One parameter
+at a time, from memory-mapped files: a rank holds at most one whole parameter's tensors beyond its own state.
+"""
+
+import glob
+import os
+import re
+from collections import defaultdict
+from typing import NamedTuple
+
+from ..utils import is_torch_available, logging
+from .deepspeed_expert_parallel import errors_raised_on_every_rank
+
+
+if is_torch_available():
+    import torch
+
+
+logger = logging.get_logger(__name__)
+
+# What a ZeRO-3 optimizer-states file holds for each sub-group, by the name DeepSpeed's Adam gives it.
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_RANK_IN_FILE_NAME = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
+# Keys of a model-states file that are DeepSpeed's, not the client state `save_checkpoint` was given.
+_DEEPSPEED_MODEL_STATE_KEYS = frozenset(
+    {
+        "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+        "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+        "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "ds_config", "ds_version",
+    }
+)
+
+
+class _Fragment(NamedTuple):
+    """Where one rank's partition of one parameter sits in its sub-group's flat tensors."""
+
+    rank: int
+    sub_group: int
+    offset: int
+    numel: int
+    partition_rank: int
+
+
+class _PartitionGroup(NamedTuple):
+    ranks: tuple[int, ...]
+    is_expert: bool
+
+
+def _checkpoint_files(checkpoint_dir: str, kind: str) -> dict[int, str]:
+    files = {}
+    for path in glob.glob(os.path.join(checkpoint_dir, f"*zero_pp_rank_*_mp_rank_*_{kind}_states.pt")):
+        match = _RANK_IN_FILE_NAME.search(path)
+        if match is None:
+            continue
+        if int(match.group(2)) != 0:
+            raise NotImplementedError(
+                f"{path} belongs to model-parallel rank {match.group(2)}: checkpoints with tensor or pipeline "
+                "parallelism cannot be resumed on another topology."
+            )
+        files[int(match.group(1))] = path
+    return files
+
+
+def resolve_checkpoint_dir(load_dir: str, tag: str | None = None) -> str:
+    """
+    The directory of one checkpoint: `load_dir/tag`, the tag read from `load_dir/latest` unless given. DeepSpeed writes
+    `latest` on global rank 0 only, also with node-local storage: without it, a folder holding a single `global_step*`
+    checkpoint (a Trainer's `checkpoint-N`) names the tag.
+    """
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        steps = glob.glob(os.path.join(load_dir, "global_step*"))
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                tag = f.read().strip()
+        elif len(steps) == 1:
+            tag = os.path.basename(steps[0])
+        else:
+            raise FileNotFoundError(f"No `latest` file in {load_dir}: pass the checkpoint's `tag`.")
+    return os.path.join(load_dir, tag)
+
+
+class SavedZero3Checkpoint:
+    """
+    The per-rank files of a DeepSpeed ZeRO-3 checkpoint, read as whole per-parameter tensors. The files are
+    memory-mapped: `whole_tensor` reads only the partitions of the parameter it is asked for.
+    """
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+        model_files = _checkpoint_files(checkpoint_dir, "model")
+        optim_files = _checkpoint_files(checkpoint_dir, "optim")
+        if not model_files or sorted(model_files) != sorted(optim_files) or sorted(model_files) != list(
+            range(len(model_files))
+        ):
+            raise FileNotFoundError(
+                f"{checkpoint_dir} does not hold the model and optimizer states of every rank of a DeepSpeed ZeRO-3 "
+                f"checkpoint (model states of ranks {sorted(model_files)}, optimizer states of ranks "
+                f"{sorted(optim_files)}). On disks that are not shared between nodes, gather every rank's files first."
+            )
+        self.world_size = len(model_files)
+        self.model_states = {r: self._load(path) for r, path in model_files.items()}
+        saved_world_size = self.model_states[0].get("dp_world_size", self.world_size)
+        if saved_world_size != self.world_size:
+            # Node-local storage: each node's disk holds its own ranks' files only
+            raise FileNotFoundError(
+                f"{checkpoint_dir} was saved on {saved_world_size} ranks but holds the files of ranks "
+                f"{sorted(model_files)} only (DeepSpeed's node-local storage?). Resharding reads every rank's files: "
+                "copy the checkpoint folders of every node into one directory that every rank can read."
+            )
+        self.optimizer_states = {r: self._load(path)["optimizer_state_dict"] for r, path in optim_files.items()}
+        self.shapes: dict[str, torch.Size] = {}
+        self.groups: dict[str, dict[_PartitionGroup, list[_Fragment]]] = defaultdict(lambda: defaultdict(list))
+        for rank in range(self.world_size):
+            self._index_rank(rank)
+
+    @staticmethod
+    def _load(path: str):
+        # DeepSpeed writes them with torch.save (pickled Python objects beside the tensors), in the zip format
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+    def _partition_metadata(self, rank: int, sub_group: int) -> tuple[_PartitionGroup, int]:
+        """The ranks sub-group `sub_group` of `rank` was partitioned over, and its rank among them."""
+        metadata = self.optimizer_states[rank].get("ds_zero_partition_groups")
+        if metadata is None:  # written only when a sub-group holds experts: all over the world
+            return _PartitionGroup(tuple(range(self.world_size)), False), rank
+        entry = metadata[sub_group]
+        group = _PartitionGroup(tuple(entry["partition_ranks"]), "autoep_expert" in entry["families"])
+        return group, entry["partition_rank"]
+
+    def _index_rank(self, rank: int):
+        for sub_group, shapes in enumerate(self.model_states[rank]["param_shapes"]):
+            group, partition_rank = self._partition_metadata(rank, sub_group)
+            offset = 0
+            for name, shape in shapes.items():
+                numel = shape.numel()
+                partition_numel = -(-numel // len(group.ranks))
+                fragment_numel = max(0, min(partition_numel, numel - partition_rank * partition_numel))
+                self.groups[name][group].append(_Fragment(rank, sub_group, offset, fragment_numel, partition_rank))
+                self.shapes.setdefault(f"{name}@{group.ranks}", shape)
+                offset += partition_numel
+
+    @property
+    def step(self):
+        """The optimizer's step count, the same in every sub-group of every rank."""
+        steps = {
+            float(state["step"])
+            for optimizer_state in self.optimizer_states.values()
+            for state in optimizer_state["optimizer_state_dict"]["state"].values()
+            if "step" in state
+        }
+        if len(steps) > 1:
+            raise ValueError(f"The sub-groups of {self.checkpoint_dir} were saved at the steps {sorted(steps)}.")
+        return steps.pop() if steps else None
+
+    def optimizer_hyperparameters(self) -> list[dict]:
+        """The torch optimizer's param groups without their parameters (lr, betas, eps, ...), as rank 0 saved them."""
+        groups = self.optimizer_states[0]["optimizer_state_dict"]["param_groups"]
+        return [{key: value for key, value in group.items() if key != "params"} for group in groups]
+
+    def _flat_tensor(self, fragment: _Fragment, key: str) -> torch.Tensor:
+        optimizer_state = self.optimizer_states[fragment.rank]
+        if key == "fp32":
+            return optimizer_state["fp32_flat_groups"][fragment.sub_group]
+        state = optimizer_state["optimizer_state_dict"]["state"].get(fragment.sub_group, {})
+        if key not in state:
+            raise KeyError(f"{self.checkpoint_dir} holds no optimizer state `{key}` (an optimizer other than Adam?).")
+        return state[key]
+
+    def _group_tensor(self, name: str, group: _PartitionGroup, key: str) -> torch.Tensor:
+        """The tensor one partition group held of `name`: the whole parameter, or one expert-parallel rank's slice."""
+        fragments = sorted(self.groups[name][group], key=lambda fragment: fragment.partition_rank)
+        if [fragment.partition_rank for fragment in fragments] != list(range(len(group.ranks))):
+            raise FileNotFoundError(f"{self.checkpoint_dir}: partitions of `{name}` are missing or repeated.")
+        flat = torch.cat(
+            [self._flat_tensor(f, key).narrow(0, f.offset, f.numel) for f in fragments if f.numel > 0]
+        )
+        return flat.view(self.shapes[f"{name}@{group.ranks}"])
+
+    def whole_tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
+        """
+        The whole parameter `name` (`key`: "fp32" for the master weights, or an optimizer state such as "exp_avg"). An
+        expert parameter was partitioned over one expert-data-parallel group per expert-parallel rank: DeepSpeed lays
+        the expert-parallel groups out on consecutive ranks, so EP rank e's group starts at global rank e, and the
+        whole tensor is the groups' slices concatenated in that order.
+        """
+        if name not in self.groups:
+            raise KeyError(name)
+        groups = sorted(self.groups[name], key=lambda group: group.ranks[0])
+        if len(groups) == 1 and not groups[0].is_expert:
+            return self._group_tensor(name, groups[0], key)
+        if not all(group.is_expert for group in groups) or [g.ranks[0] for g in groups] != list(range(len(groups))):
+            raise ValueError(
+                f"{self.checkpoint_dir}: `{name}` was partitioned over the groups {[g.ranks for g in groups]}, which "
+                "are not the expert-data-parallel groups of consecutive expert-parallel ranks."
+            )
+        return torch.cat([self._group_tensor(name, group, key) for group in groups])
+
+    def client_state(self) -> dict:
+        """What `save_checkpoint(client_state=...)` was given, as `load_checkpoint` returns it."""
+        return {k: v for k, v in self.model_states[0].items() if k not in _DEEPSPEED_MODEL_STATE_KEYS}
+
+    def topology(self) -> str:
+        expert_groups = {g.ranks for groups in self.groups.values() for g in groups if g.is_expert}
+        if not expert_groups:
+            return f"{self.world_size} ranks without expert parallelism"
+        return f"{self.world_size} ranks, EP {len(expert_groups)}"
+
+
+def _local_partition(whole: torch.Tensor, param) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of `whole` for `param`: elements [r * n, (r + 1) * n) of it, zero-padded to n."""
+    import torch.distributed as dist
+
+    numel = param.partition_numel()
+    start = dist.get_rank(group=param.ds_process_group) * numel
+    flat = whole.reshape(-1)[start : start + numel]
+    if flat.numel() < numel:
+        flat = torch.cat([flat, flat.new_zeros(numel - flat.numel())])
+    return flat
+
+
+def _whole_for_this_rank(saved: SavedZero3Checkpoint, name: str, param, key: str) -> torch.Tensor:
+    """The tensor `param` stands for on this rank: the whole parameter, or for an expert, this rank's experts."""
+    whole = saved.whole_tensor(name, key)
+    layout = getattr(param, "expert_shard_layout", None)
+    expected = tuple(layout.global_shape) if layout is not None else tuple(param.ds_shape)
+    if tuple(whole.shape) != expected:
+        raise ValueError(
+            f"`{name}` has the shape {tuple(whole.shape)} in {saved.checkpoint_dir} and {expected} in this model: not "
+            "a checkpoint of this model."
+        )
+    if layout is not None:
+        whole = whole.chunk(layout.ep_size, dim=layout.shard_dim)[layout.ep_rank]
+    return whole
+
+
+def _trained_parameters(engine) -> dict[str, "torch.nn.Parameter"]:
+    """The parameters the optimizer holds. Frozen ones are not in its states: they keep what the model loaded."""
+    return {name: param for name, param in engine.module.named_parameters() if param.requires_grad}
+
+
+def _check_same_parameters(saved: SavedZero3Checkpoint, params: dict):
+    missing, unexpected = sorted(set(params) - set(saved.groups)), sorted(set(saved.groups) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"{saved.checkpoint_dir} is not a checkpoint of this model: parameters missing from it {missing[:5]}, "
+            f"parameters this model does not have {unexpected[:5]}."
+        )
+
+
+def _create_adam_states(engine):
+    """
+    Adam's states of each flat fp32 sub-group, zero, where the optimizer has none yet: torch's Adam creates them at its
+    first step, so an engine that has not stepped has none to load the checkpoint's into. As torch creates them.
+    """
+    zero_optimizer = engine.optimizer
+    optimizer = zero_optimizer.optimizer
+    for flat in zero_optimizer.fp32_partitioned_groups_flat:
+        state = optimizer.state[flat]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in MOMENT_KEYS:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
+def _load_parameters(engine, saved: SavedZero3Checkpoint, load_optimizer_states: bool):
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    if load_optimizer_states:
+        _create_adam_states(engine)
+    params = _trained_parameters(engine)
+    _check_same_parameters(saved, params)
+    for name, param in params.items():
+        weight = _local_partition(_whole_for_this_rank(saved, name, param, "fp32"), param)
+        param.ds_tensor.data.copy_(weight.to(param.ds_tensor.dtype))
+        # The fp32 master too, or the next step would write the master the engine started from back into the model
+        safe_set_local_fp32_param(param, weight)
+        if load_optimizer_states:
+            for key in MOMENT_KEYS:
+                moment = _local_partition(_whole_for_this_rank(saved, name, param, key), param)
+                safe_set_local_optimizer_state(param, moment, key)
+
+
+def _load_optimizer_step_and_hyperparameters(engine, saved: SavedZero3Checkpoint):
+    """The step count of every flat sub-group (Adam's bias correction), and lr, betas, ... of the param groups."""
+    zero_optimizer = engine.optimizer
+    optimizer = zero_optimizer.optimizer
+    step = saved.step
+    if step is not None:
+        for flat in zero_optimizer.fp32_partitioned_groups_flat:
+            state = optimizer.state[flat]
+            state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state.get("step")) else step
+    saved_groups = saved.optimizer_hyperparameters()
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"{saved.checkpoint_dir} has {len(saved_groups)} optimizer param groups, this optimizer "
+            f"{len(optimizer.param_groups)}: build the optimizer with the same param groups as the run that saved it."
+        )
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update(saved_group)
+
+
+def _load_engine_counters(engine, saved: SavedZero3Checkpoint, load_lr_scheduler_states: bool):
+    model_state = saved.model_states[0]
+    engine.global_steps = model_state.get("global_steps", engine.global_steps)
+    engine.global_samples = model_state.get("global_samples", engine.global_samples)
+    engine.skipped_steps = model_state.get("skipped_steps", engine.skipped_steps)
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
+
+
+def _check_engine_supported(engine):
+    if not engine.zero_optimization_partition_weights():
+        raise NotImplementedError(
+            "load_checkpoint_on_new_topology loads DeepSpeed ZeRO stage 3 checkpoints into a ZeRO-3 engine; this "
+            f"engine runs ZeRO stage {engine.zero_optimization_stage()}."
+        )
+    if engine.zero_offload_param() or engine.zero_nvme_offload_optimizer():
+        raise NotImplementedError(
+            "load_checkpoint_on_new_topology does not support parameter offload or NVMe optimizer offload: resume "
+            "without them, save a checkpoint, and turn them on again."
+        )
+
+
+def load_checkpoint_on_new_topology(
+    engine, load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = True,
+):
+    """
+    `engine.load_checkpoint(load_dir, tag)` for a DeepSpeed ZeRO-3 checkpoint written on another topology: another
+    number of ranks, another EP size (`DistributedConfig(ep_size=...)`), or a model loaded without expert parallelism
+    (and back). Call it on every rank, in place of `engine.load_checkpoint`, after `deepspeed.initialize` (or
+    `accelerator.prepare`: pass the prepared model, which is the engine). It works for the same topology too.
+
+    It loads the model's weights (from the fp32 master weights of the checkpoint), the fp32 master weights and, with
+    `load_optimizer_states`, Adam's `exp_avg` and `exp_avg_sq` and its step count, exactly: each rank's partitions are
+    cut from the whole tensors the old ranks' partitions make up. Also the optimizer's hyperparameters, the engine's
+    step counters, and with `load_lr_scheduler_states` DeepSpeed's learning-rate scheduler. Not the random number
+    generators' states, nor anything else the old ranks saved beside DeepSpeed's files (e.g. the Trainer's
+    `rng_state_N.pth`). Every rank reads the model and optimizer states of every old rank (memory-mapped, one parameter
+    at a time), so all of them must be readable from every rank.
+
+    Returns `(load_path, client_state)` as `engine.load_checkpoint` does. An error on any rank (a missing file, another
+    model) is raised on every rank.
+    """
+    import torch.distributed as dist
+
+    checkpoint_dir = None
+    with errors_raised_on_every_rank("Loading the checkpoint on a new topology"):
+        _check_engine_supported(engine)
+        checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
+        saved = SavedZero3Checkpoint(checkpoint_dir)
+        with torch.no_grad():
+            _load_parameters(engine, saved, load_optimizer_states)
+        if load_optimizer_states:
+            _load_optimizer_step_and_hyperparameters(engine, saved)
+        _load_engine_counters(engine, saved, load_lr_scheduler_states)
+        client_state = saved.client_state()
+        logger.info(
+            f"Loaded {checkpoint_dir} ({saved.topology()}) on {dist.get_world_size()} ranks, optimizer states "
+            f"{'included' if load_optimizer_states else 'not loaded'}."
+        )
+    return checkpoint_dir, client_state
+
+
+def checkpoint_topology_differs(engine, checkpoint_dir: str) -> bool:
+    """
+    Whether the DeepSpeed ZeRO-3 checkpoint in `checkpoint_dir` was written on another topology than `engine`'s:
+    another number of ranks, or other ZeRO-3 sub-groups (another EP size, or expert parallelism turned on or off,
+    changes the shapes of the expert parameters each rank holds and the sub-groups they are in). Each rank reads the
+    file of its own rank index (which DeepSpeed's node-local storage keeps on that rank's node): the data-parallel
+    world size and parameter shapes saved there against its own. A collective: the ranks agree on the answer (any rank
+    that finds a difference, or no file of its own, decides).
+    """
+    import torch.distributed as dist
+
+    differs = None
+    with errors_raised_on_every_rank("Reading the checkpoint's topology"):
+        own = _checkpoint_files(checkpoint_dir, "model").get(dist.get_rank())
+        differs = own is None
+        if not differs:
+            saved = torch.load(own, map_location="cpu", weights_only=False, mmap=True)
+            current_shapes = engine._get_zero_param_shapes()
+            differs = saved.get("dp_world_size", dist.get_world_size()) != dist.get_world_size() or [
+                list(group.items()) for group in saved["param_shapes"]
+            ] != [list(group.items()) for group in current_shapes]
+    answers = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, differs)
+    return any(answers)
+
+
+def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load_module_strict: bool = True):
+    """
+    The Trainer's resume from a checkpoint folder (`checkpoint-N`, holding DeepSpeed's `global_stepN`): DeepSpeed's
+    `load_checkpoint` when the checkpoint was written on this topology, `load_checkpoint_on_new_topology` when it was
+    written on another number of ranks or EP size under ZeRO-3, which DeepSpeed's loader refuses.
+    """
+    from .deepspeed import deepspeed_load_checkpoint
+
+    if engine.zero_optimization_partition_weights() and glob.glob(os.path.join(checkpoint_path, "global_step*")):
+        checkpoint_dir = None
+        with errors_raised_on_every_rank("Reading the checkpoint's topology"):
+            checkpoint_dir = resolve_checkpoint_dir(checkpoint_path)
+        if checkpoint_topology_differs(engine, checkpoint_dir):
+            logger.info(f"{checkpoint_path} was saved on another topology: resharding it for this one.")
+            load_checkpoint_on_new_topology(engine, checkpoint_path)
+            return
+    deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)

@@ -1,0 +1,181 @@
+"""A DeepSpeed ZeRO-3 checkpoint of an expert-parallel MoE resumes on another topology with its Adam state.
+
+Each hop of a chain trains 3 steps on one topology from the previous hop's DeepSpeed checkpoint
+(`engine.save_checkpoint`), loaded with `load_checkpoint_on_new_topology`, and saves its own. Every step has the same
+global batch whatever the number of ranks, so after hop k the run has trained on the global batches of one
+uninterrupted run of 3(k+1) steps, which one process trains as the reference: the losses of every step, the final
+weights and Adam's moments must match it.
+Right after each load, the weights and moments every rank holds must equal, bit for bit, those the previous hop ended
+with (the resharding is exact). A hop whose moments are zeroed after the load lands off the reference (negative
+control), and DeepSpeed's own `engine.load_checkpoint` refuses the other topologies on every rank.
+
+EP size 1 is a model loaded without a `DistributedConfig`: plain ZeRO-3, every parameter partitioned over all ranks.
+"""
+
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_abs_diff, max_diff
+from tests.fork_utils.launcher import launch
+from tests.fork_utils.tiny_models import make_checkpoint
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "ep_reshard.py"
+TIMEOUT = 180
+STEPS_PER_HOP = 3
+GLOBAL_BATCH = 4
+LR = 1e-2
+CLIP = 1.0  # DeepSpeed's default gradient clipping, which the ranks train with
+SEQ_LEN = 12
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def global_batch(step: int, vocab_size: int) -> torch.Tensor:
+    """What every rank of the script draws for `step` (ep_reshard.global_batch)."""
+    generator = torch.Generator().manual_seed(1_000 + step)
+    return torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
+
+
+def train_reference(checkpoint, steps: int, chunks: int = 1):
+    """One process, AdamW (gradients clipped as DeepSpeed clips them) on each step's global batch; `chunks` > 1
+    averages the losses of that many parts (the same mean in another summation order: the noise floor). Returns the
+    losses, the weights and Adam's moments by name."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        batch = global_batch(step, model.config.vocab_size)
+        loss = sum(model(input_ids=part, labels=part).loss for part in batch.chunk(chunks)) / chunks
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    state = {"param": {name: param.detach().clone() for name, param in model.named_parameters()}}
+    for key in MOMENT_KEYS:
+        state[key] = {name: optimizer.state[param][key].clone() for name, param in model.named_parameters()}
+    return losses, state
+
+
+def whole_state(results: dict, key: str, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole tensors of the ranks' `key` snapshot ("loaded" or "final"): parameters and moments."""
+    by_kind = {}
+    for kind in ("param", *MOMENT_KEYS):
+        reports = {r: {"ep_rank": report["ep_rank"], key: report[key][kind]} for r, report in results.items()}
+        by_kind[kind] = assemble_experts(reports, key, ep_size)
+    return by_kind
+
+
+@pytest.mark.multiprocess
+class EPZero3ReshardTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-reshard-"))
+        cls.checkpoint = make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=31).path
+        cls.references = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def reference(self, steps: int, chunks: int = 1):
+        if (steps, chunks) not in self.references:
+            self.references[steps, chunks] = train_reference(self.checkpoint, steps, chunks)
+        return self.references[steps, chunks]
+
+    def hop(self, name, nproc, ep_size, resume_from=None, first_step=0, extra=()):
+        args = ["--checkpoint", self.checkpoint, "--ep-size", ep_size, "--steps", STEPS_PER_HOP,
+                "--first-step", first_step, "--global-batch", GLOBAL_BATCH, "--lr", LR,
+                "--save-checkpoint", self.tmp / name]
+        if resume_from is not None:
+            args += ["--resume-from", self.tmp / resume_from]
+        result = launch(SCRIPT, [*args, *extra], nproc=nproc, timeout=TIMEOUT)
+        return result.check().results()
+
+    def assert_at_parity_with_one_process(self, results, ep_size, steps):
+        """Losses of the hop's steps, final weights and moments against one process trained `steps` steps."""
+        nproc = len(results)
+        ref_losses, ref_state = self.reference(steps)
+        mean_losses = [sum(results[r]["losses"][s] for r in range(nproc)) / nproc for s in range(STEPS_PER_HOP)]
+        relative = [abs(got - want) / want for got, want in zip(mean_losses, ref_losses[-STEPS_PER_HOP:])]
+        self.assertLessEqual(
+            max(relative), 1e-5, f"steps {steps - STEPS_PER_HOP}..{steps - 1}: losses {mean_losses} vs the "
+            f"reference's {ref_losses[-STEPS_PER_HOP:]} (relative differences {relative})"
+        )
+        final = whole_state(results, "final", ep_size)
+        # The noise floor: the reference rerun with its batch summed in the ranks' parts (~1e-6 to 4e-5 here). Lost or
+        # misplaced moments are off by a fraction of an update (~lr) per step, orders of magnitude more.
+        _, reordered = self.reference(steps, chunks=nproc)
+        for kind in ("param", *MOMENT_KEYS):
+            floor, _ = max_diff(reordered[kind], ref_state[kind])
+            scale = max(t.abs().max().item() for t in ref_state[kind].values())
+            diff, worst = max_diff(final[kind], ref_state[kind])
+            self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
+                                 f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
+        return final
+
+    def assert_loaded_exactly(self, results, ep_size, previous_final, saved_at_step):
+        """Right after the load, every rank holds exactly what the previous hop ended with."""
+        loaded = whole_state(results, "loaded", ep_size)
+        for kind in ("param", *MOMENT_KEYS):
+            for name, tensor in previous_final[kind].items():
+                self.assertTrue(torch.equal(loaded[kind][name], tensor), f"{kind} {name} not loaded exactly")
+        for rank, report in results.items():
+            self.assertEqual(report["global_steps_after_load"], saved_at_step, f"rank {rank}: the engine's step count")
+
+    def first_hop(self):
+        """The first 3 steps on 2 ranks with EP 2, saved: where every chain starts (run once for the class)."""
+        if "first_hop" not in self.references:
+            results = self.hop("hop0-2ranks-ep2", 2, 2)
+            self.references["first_hop"] = self.assert_at_parity_with_one_process(results, 2, STEPS_PER_HOP)
+        return "hop0-2ranks-ep2", self.references["first_hop"]
+
+    def run_chain(self, topologies):
+        """After the first hop, hops on (nproc, ep_size) in turn, each from the previous hop's checkpoint; checked
+        after each hop."""
+        previous, final = self.first_hop()
+        for index, (nproc, ep_size) in enumerate(topologies, start=1):
+            name = f"hop{index}-{nproc}ranks-ep{ep_size}"
+            results = self.hop(name, nproc, ep_size, resume_from=previous, first_step=STEPS_PER_HOP * index)
+            self.assert_loaded_exactly(results, ep_size, final, STEPS_PER_HOP * index)
+            final = self.assert_at_parity_with_one_process(results, ep_size, STEPS_PER_HOP * (index + 1))
+            previous = name
+        return previous
+
+    def test_ep2_to_ep1_on_2_ranks_and_lost_moments_are_caught(self):
+        """EP 2 -> without EP (plain ZeRO-3), on 2 ranks. Negative control: the same hop with Adam's moments zeroed
+        after the load lands off the reference, and DeepSpeed's own loader refuses the checkpoint on every rank."""
+        self.run_chain([(2, 1)])
+        results = self.hop("lost-moments", 2, 1, resume_from="hop0-2ranks-ep2", first_step=3, extra=["--zero-moments"])
+        with self.assertRaisesRegex(AssertionError, "vs the reference|off by"):  # losses, or else weights
+            self.assert_at_parity_with_one_process(results, 1, 6)
+        refused = self.hop("refused", 2, 1, resume_from="hop0-2ranks-ep2", first_step=3, extra=["--resume-with",
+                                                                                                  "deepspeed"])
+        for rank, report in refused.items():
+            self.assertRegex(report.get("resume_error", ""), "same parameter placement topology", f"rank {rank}")
+
+    @pytest.mark.slow
+    def test_2_to_4_ranks_then_ep2_to_ep4_then_back_to_2_ranks(self):
+        """2 ranks EP 2 -> 4 ranks EP 2 (EP x expert-data-parallel 2) -> 4 ranks EP 4 -> 2 ranks EP 2 (fewer ranks,
+        smaller EP)."""
+        self.run_chain([(4, 2), (4, 4), (2, 2)])
+
+    def test_trainer_resumes_without_ep_checkpoint_with_ep2(self):
+        """`Trainer.train(resume_from_checkpoint=...)` on 2 ranks with EP 2 from a checkpoint of 2 ranks without EP."""
+        common = ["--checkpoint", self.checkpoint, "--entry", "trainer", "--steps", STEPS_PER_HOP, "--global-batch",
+                  GLOBAL_BATCH, "--lr", LR, "--output-dir", self.tmp / "trainer"]
+        launch(SCRIPT, [*common, "--ep-size", 1, "--save-steps", STEPS_PER_HOP], nproc=2, timeout=TIMEOUT).check()
+        checkpoint = self.tmp / "trainer" / f"checkpoint-{STEPS_PER_HOP}"
+        resumed = launch(SCRIPT, [*common, "--ep-size", 2, "--first-step", STEPS_PER_HOP, "--resume-from", checkpoint],
+                         nproc=2, timeout=TIMEOUT).check().results()
+        for rank, report in resumed.items():
+            self.assertEqual(len(report["losses"]), STEPS_PER_HOP, f"rank {rank} did not skip the trained steps")
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
