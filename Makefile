@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-upstream demo bench-load \
-	bench-load-dense bench-save bench-train sweep-families clean
+	bench-load-dense bench-save bench-train sweep-families clean bench-expert-load
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-save  2-rank CPU save: EP + ZeRO-3 save_pretrained, get_state_dict vs one process (BENCH_ARGS=\"--layers 8 2\")"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
+	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -122,6 +123,10 @@ sweep-families: install
 bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)
+
+bench-expert-load: install
+	$(PATCHQ) assemble --quiet
+	$(PY) benchmarks/train_ep_zero3.py --variants D M --repeats 5 $(BENCH_ARGS)
 
 # src/transformers also holds the fork's own (tracked) modules: patchq removes only what assembly made.
 clean:

@@ -15,6 +15,9 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
                ranks like every other weight and gathered whole for each forward and backward.
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
+- `M` D with expert load metrics (`track_expert_load(engine)`, `collect(step)` inside every timed step: the hooks'
+               counting plus one all-reduce per step). Not in the default set: `--variants D M` (`make
+               bench-expert-load`) prints the ratio M/D against its goal (<= 1.02).
 
 Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's communication
 and its expert groups, which B and C do in `deepspeed.initialize`, so their sum is compared too),
@@ -85,9 +88,12 @@ VARIANTS = {
     "D": "EP + ZeRO-3 (ours)",
     "B": "ZeRO-3, no EP (zero.Init)",
     "C": "DeepSpeed AutoEP + ZeRO-3",
+    "M": "D + expert load metrics, collected every step",
 }
+DEFAULT_VARIANTS = ("D", "B", "C")
 GOAL_STEP_D_OVER_B = 1.0  # strictly below
 GOAL_STEP_D_OVER_C = 1.0  # at most
+GOAL_STEP_M_OVER_D = 1.02  # at most: expert load metrics on vs off
 MiB = 2**20
 
 
@@ -271,7 +277,7 @@ def rank_main(args) -> dict:
     r, world = rank(), world_size()
     config = deepspeed_config(variant, args.ep_size)
     registered = None
-    if variant in ("D", "B"):
+    if variant in ("D", "B", "M"):
         from transformers.integrations import HfDeepSpeedConfig
 
         registered = HfDeepSpeedConfig(config)  # noqa: F841  (ZeRO-3 registered for from_pretrained; keep alive)
@@ -286,7 +292,7 @@ def rank_main(args) -> dict:
     post_import_rss = proc_status_kb("VmRSS")
     import_s = time.perf_counter() - PROCESS_START
     kwargs = {"dtype": torch.float32}
-    if variant == "D":
+    if variant in ("D", "M"):
         kwargs["distributed_config"] = DistributedConfig(ep_size=args.ep_size)
     dist.barrier()
     start = time.perf_counter()
@@ -304,6 +310,11 @@ def rank_main(args) -> dict:
     init_s = time.perf_counter() - start
     hwm_after_init = proc_status_kb("VmHWM")
     rss_after_init = proc_status_kb("VmRSS")
+    tracker, expert_load = None, []
+    if variant == "M":
+        from transformers.integrations.expert_load_metrics import track_expert_load
+
+        tracker = track_expert_load(engine)
 
     vocab = model.config.vocab_size
     losses, step_s, step_cpu_s, threads = [], [], [], []
@@ -322,6 +333,8 @@ def rank_main(args) -> dict:
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         engine.backward(loss)
         engine.step()
+        if tracker is not None:
+            expert_load.append(tracker.collect(step + 1))  # what a logger would get, every step
         dist.barrier()
         step_s.append(time.perf_counter() - start)
         step_cpu_s.append(time.process_time() - cpu_start)  # every thread of this rank, the gloo ones included
@@ -371,6 +384,7 @@ def rank_main(args) -> dict:
         "has_moe_layers": bool(getattr(engine, "has_moe_layers", False)),
         "partition_groups": expert_partition_groups(engine),
         "profile": profiled,
+        "expert_load_last": expert_load[-1] if expert_load else None,
     }
     dist.barrier()
     return result
@@ -452,6 +466,8 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
     ratio("step D/B", "D", "B", "step_s", GOAL_STEP_D_OVER_B, strict=True)
     ratio("step D/C", "D", "C", "step_s", GOAL_STEP_D_OVER_C)
     ratio("step C/B", "C", "B", "step_s")
+    ratio("step M/D (expert load metrics on/off)", "M", "D", "step_s", GOAL_STEP_M_OVER_D)
+    ratio("step CPU time M/D", "M", "D", "step_cpu_s")
     ratio("step CPU time D/B", "D", "B", "step_cpu_s")
     ratio("step CPU time D/C", "D", "C", "step_cpu_s")
     ratio("init D/B", "D", "B", "init_s")
@@ -599,7 +615,7 @@ def driver(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every variant (0: --profile only)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run of D and C with torch.profiler on rank 0, steps 5-6")

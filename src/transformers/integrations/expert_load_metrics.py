@@ -107,8 +107,11 @@ class MoeLayer:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a DeepSpeed engine, DDP or other wrapper that keeps it as `.module`."""
-    while not hasattr(model, "ep_plan") and isinstance(getattr(model, "module", None), nn.Module):
+    """The transformers model inside a DeepSpeed engine, DDP or other wrapper that keeps it as `.module`. (Not
+    `hasattr(model, "ep_plan")`: the DeepSpeed engine forwards unknown attributes to its module.)"""
+    from ..modeling_utils import PreTrainedModel
+
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 
