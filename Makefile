@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-upstream demo bench-load \
-	bench-load-dense bench-save bench-train sweep-families clean bench-expert-load
+	bench-load-dense bench-save bench-train sweep-families clean bench-expert-load test-expert-load
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -32,6 +32,7 @@ help:
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
+	@echo "make test-expert-load   every expert load metrics test: Trainer and accelerate, with and without EP, 2 and 4 ranks"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -123,6 +124,10 @@ sweep-families: install
 bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)
+
+test-expert-load: install
+	$(PATCHQ) assemble --quiet
+	EPFORK_EXPERT_LOAD_FULL=1 $(PY) -m pytest tests/deepspeed/test_expert_load_metrics.py $(PYTEST_ARGS)
 
 bench-expert-load: install
 	$(PATCHQ) assemble --quiet

@@ -310,7 +310,7 @@ def rank_main(args) -> dict:
     init_s = time.perf_counter() - start
     hwm_after_init = proc_status_kb("VmHWM")
     rss_after_init = proc_status_kb("VmRSS")
-    tracker, expert_load = None, []
+    tracker, expert_load, collect_s = None, [], []
     if variant == "M":
         from transformers.integrations.expert_load_metrics import track_expert_load
 
@@ -334,7 +334,9 @@ def rank_main(args) -> dict:
         engine.backward(loss)
         engine.step()
         if tracker is not None:
+            collect_start = time.perf_counter()
             expert_load.append(tracker.collect(step + 1))  # what a logger would get, every step
+            collect_s.append(time.perf_counter() - collect_start)
         dist.barrier()
         step_s.append(time.perf_counter() - start)
         step_cpu_s.append(time.process_time() - cpu_start)  # every thread of this rank, the gloo ones included
@@ -385,6 +387,7 @@ def rank_main(args) -> dict:
         "partition_groups": expert_partition_groups(engine),
         "profile": profiled,
         "expert_load_last": expert_load[-1] if expert_load else None,
+        "expert_load_collect_s": collect_s,
     }
     dist.barrier()
     return result
@@ -607,6 +610,10 @@ def driver(args) -> int:
              "deepspeed_config": {v: deepspeed_config(v, args.ep_size) for v in args.variants}}
     raw = {v: [{str(r): res for r, res in rep.items()} for rep in reps] for v, reps in runs.items()}
     payload = {"setup": setup, "environment": environment, **summary, "profiles": profiles, "runs": raw}
+    if runs.get("M"):
+        collect_ms = median([median(res["expert_load_collect_s"][TIMED_STEPS]) * 1e3 for rep in runs["M"]
+                             for res in rep.values()])
+        print(f"M: expert load collect (one all-reduce + the figures) {collect_ms:.2f} ms per step, median")
     if failures:
         print(f"FAILED launches: {', '.join(failures)}")
     goals = {name: entry for name, entry in summary["ratios"].items() if "ok" in entry}

@@ -7,6 +7,7 @@ without (plain ZeRO-3), through the Trainer and through accelerate, every rank's
 single process trained on the same global batches, exactly (they are integers).
 """
 
+import os
 import shutil
 import tempfile
 import unittest
@@ -24,6 +25,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "expert_load.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
 TIMEOUT = 180
 PREFIX = "expert_load"
+# The suite runs two launches (its time budget); this adds the other entry / EP combinations and 4 ranks
+FULL_SWEEP_ENV = "EPFORK_EXPERT_LOAD_FULL"
+FULL_SWEEP = os.environ.get(FULL_SWEEP_ENV) == "1"
 
 
 def tiny_model(seed=0, **overrides):
@@ -248,8 +252,7 @@ class ExpertLoadDistributedTest(unittest.TestCase):
                 got_loads = counts_from_logs(logs, num_layers, num_experts, what="rank", size=nproc)
                 self.assertTrue(torch.equal(got_loads, expected_loads), f"rank {rank} step {s}: {got_loads}")
 
-    @parameterized.expand([("ep", 2), ("zero3_without_ep", 1)])
-    def test_trainer_logs_the_single_process_counts(self, _, ep_size):
+    def check_trainer(self, ep_size):
         results = self.run_ranks("trainer", ep_size)
         for rank, outcome in results.items():
             order = outcome["callback_order"]
@@ -258,10 +261,24 @@ class ExpertLoadDistributedTest(unittest.TestCase):
             self.assertEqual(len(outcome["logs"]), 3, f"rank {rank}: a training log without the figures")
         self.check_against_reference(results, ep_size)
 
-    @parameterized.expand([("ep", 2), ("zero3_without_ep", 1)])
-    def test_accelerate_collect_gives_the_single_process_counts(self, _, ep_size):
-        self.check_against_reference(self.run_ranks("accelerate", ep_size), ep_size)
+    # In the suite: the Trainer with EP, accelerate without (2 launches). `make test-expert-load` adds the other two
+    # combinations and 4 ranks.
+
+    def test_trainer_with_ep_logs_the_single_process_counts(self):
+        self.check_trainer(ep_size=2)
+
+    def test_accelerate_without_ep_collects_the_single_process_counts(self):
+        self.check_against_reference(self.run_ranks("accelerate", ep_size=1), ep_size=1)
+
+    @unittest.skipUnless(FULL_SWEEP, f"{FULL_SWEEP_ENV}=1 (make test-expert-load)")
+    def test_trainer_without_ep_logs_the_single_process_counts(self):
+        self.check_trainer(ep_size=1)
+
+    @unittest.skipUnless(FULL_SWEEP, f"{FULL_SWEEP_ENV}=1 (make test-expert-load)")
+    def test_accelerate_with_ep_collects_the_single_process_counts(self):
+        self.check_against_reference(self.run_ranks("accelerate", ep_size=2), ep_size=2)
 
     @pytest.mark.slow
+    @unittest.skipUnless(FULL_SWEEP, f"{FULL_SWEEP_ENV}=1 (make test-expert-load)")
     def test_four_ranks_ep_2_by_expert_data_parallel_2(self):
         self.check_against_reference(self.run_ranks("accelerate", 2, nproc=4, steps=2), ep_size=2)

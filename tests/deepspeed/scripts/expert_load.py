@@ -45,13 +45,6 @@ def train_trainer(args, training_args, model, data, record):
     from transformers import Trainer
     from transformers.integrations.expert_load_metrics import add_expert_load_metrics
 
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(data)
-
-        def __getitem__(self, i):
-            return {"input_ids": data[i], "labels": data[i]}
-
     class RecordingTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             record["inputs"].append(inputs["input_ids"].detach().clone())
@@ -60,7 +53,8 @@ def train_trainer(args, training_args, model, data, record):
                 self.log({"rank0_only": 1.0})
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=Rows())
+    rows = [{"input_ids": row, "labels": row} for row in data]
+    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=rows)
     callback = add_expert_load_metrics(trainer, per_expert=True, dead_window=args.dead_window)
     record["callback_order"] = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     trainer.train()
