@@ -131,7 +131,7 @@ test-expert-load: install
 
 bench-expert-load: install
 	$(PATCHQ) assemble --quiet
-	$(PY) benchmarks/train_ep_zero3.py --variants D M --repeats 5 $(BENCH_ARGS)
+	$(PY) benchmarks/train_ep_zero3.py --variants D M --repeats 4 $(BENCH_ARGS)
 
 # src/transformers also holds the fork's own (tracked) modules: patchq removes only what assembly made.
 clean:
