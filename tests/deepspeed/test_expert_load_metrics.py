@@ -193,8 +193,8 @@ class ExpertLoadDistributedTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def run_ranks(self, entry, ep_size, nproc=2, steps=3):
-        args = ["--checkpoint", self.checkpoint, "--entry", entry, "--ep-size", ep_size, "--steps", steps]
+    def run_ranks(self, entry, ep_size, nproc=2, steps=3, extra=()):
+        args = ["--checkpoint", self.checkpoint, "--entry", entry, "--ep-size", ep_size, "--steps", steps, *extra]
         launcher = "accelerate" if entry == "accelerate" else "torchrun"
         config = ACCELERATE_ZERO3 if launcher == "accelerate" else None
         result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT)
@@ -282,3 +282,10 @@ class ExpertLoadDistributedTest(unittest.TestCase):
     @unittest.skipUnless(FULL_SWEEP, f"{FULL_SWEEP_ENV}=1 (make test-expert-load)")
     def test_four_ranks_ep_2_by_expert_data_parallel_2(self):
         self.check_against_reference(self.run_ranks("accelerate", 2, nproc=4, steps=2), ep_size=2)
+
+    @unittest.skipUnless(FULL_SWEEP, f"{FULL_SWEEP_ENV}=1 (make test-expert-load)")
+    def test_negative_control_without_the_all_reduce(self):
+        """Each rank then logs the counts of its own rows: the comparison must catch it."""
+        results = self.run_ranks("accelerate", ep_size=2, steps=2, extra=["--no-reduce"])
+        with self.assertRaisesRegex(AssertionError, "rank 0 step 0"):
+            self.check_against_reference(results, ep_size=2)

@@ -182,6 +182,11 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
 # Counting and collecting
 
 
+def _sum_over_ranks(payload: torch.Tensor, group) -> None:
+    """The one collective of a collect (a function of its own so a test can take it out as a negative control)."""
+    torch.distributed.all_reduce(payload, group=group)
+
+
 def _in_backward() -> bool:
     """Inside the autograd engine, i.e. a gradient-checkpointing recomputation: the forward already counted it."""
     return torch._C._current_graph_task_id() != -1
@@ -380,7 +385,7 @@ class ExpertLoadTracker:
         """The figures since the last collect, over all ranks. Every rank of the group must call it at the same step."""
         payload = self._local_payload()
         if self._world_size() > 1:
-            torch.distributed.all_reduce(payload, group=self.group)
+            _sum_over_ranks(payload, self.group)
         self._reset()
         payload = payload.cpu()
         num_experts = self.num_experts

@@ -30,6 +30,8 @@ def parse_args():
     # exact (after real updates a token near a tie can flip between two experts, as float sums differ)
     parser.add_argument("--lr", type=float, default=0.0)
     parser.add_argument("--dead-window", type=int, default=2)
+    parser.add_argument("--no-reduce", action="store_true",
+                        help="negative control: collect without the all-reduce (each rank logs its own rows' counts)")
     args = parser.parse_args()
     # what ep_train's helpers read
     args.optimizer, args.seed, args.first_step, args.offload = "sgd", 0, 0, []
@@ -84,6 +86,10 @@ def train_accelerate(args, accelerator, model, data, record):
 
 def main():
     args = parse_args()
+    if args.no_reduce:
+        import transformers.integrations.expert_load_metrics as expert_load_metrics
+
+        expert_load_metrics._sum_over_ranks = lambda payload, group: None
     registered = register_deepspeed(args)
 
     from transformers import AutoModelForCausalLM
