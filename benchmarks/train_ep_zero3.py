@@ -571,10 +571,11 @@ def expert_load_overhead(repeats: list[dict]) -> dict:
 
 
 def print_expert_load_overhead(overhead: dict) -> None:
+    verdict = "PASS" if overhead["ok"] else "FAIL"
     print(f"\nexpert load metrics on/off (adjacent steps, median of {overhead['pairs']} pairs): step "
-          f"{overhead['step_on_off']:.3f}   goal <= {overhead['goal']}: {'PASS' if overhead['ok'] else 'FAIL'}; step CPU "
-          f"time {overhead['step_cpu_on_off']:.3f}; collect {overhead['collect_ms']:.2f} ms per step (one all-reduce + "
-          "the figures)")
+          f"{overhead['step_on_off']:.3f}   goal <= {overhead['goal']}: {verdict}; step CPU time "
+          f"{overhead['step_cpu_on_off']:.3f}; collect {overhead['collect_ms']:.2f} ms per step (one all-reduce + the "
+          "figures)")
 
 
 def run_variant(variant: str, cli, profile: bool = False):

@@ -55,9 +55,9 @@ def routed_counts(model, input_ids) -> torch.Tensor:
     top_k = model.config.num_experts_per_tok
     with torch.no_grad():
         router_logits = model(input_ids=input_ids, output_router_logits=True).router_logits
-    return torch.stack(
-        [torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1]) for logits in router_logits]
-    )
+    counts = [torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
+              for logits in router_logits]
+    return torch.stack(counts)
 
 
 def counts_from_logs(logs: dict, num_layers: int, num_experts: int, what="expert", size=None) -> torch.Tensor:
@@ -236,7 +236,8 @@ class ExpertLoadDistributedTest(unittest.TestCase):
                 self.assertTrue(torch.equal(got, report.counts), f"rank {rank} step {s}: {got} vs {report.counts}")
                 for layer in range(num_layers):
                     key = f"{PREFIX}/layer_{layer}"
-                    self.assertAlmostEqual(logs[f"{key}/router_entropy"], float(report.router_entropy[layer]), places=5)
+                    want_entropy = float(report.router_entropy[layer])
+                    self.assertAlmostEqual(logs[f"{key}/router_entropy"], want_entropy, places=5)
                     self.assertEqual(logs[f"{key}/expert_imbalance"], float(report.expert_imbalance[layer]))
                     self.assertEqual(logs[f"{key}/dead_experts"], float(report.dead[layer].sum()))
                 if ep_size == 1:

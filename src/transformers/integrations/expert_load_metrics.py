@@ -382,7 +382,7 @@ class ExpertLoadTracker:
             accumulator.zero_()
 
     def collect_report(self, step: int) -> ExpertLoadReport:
-        """The figures since the last collect, over all ranks. Every rank of the group must call it at the same step."""
+        """The figures since the last collect, over all ranks. Every rank of the group calls it at the same step."""
         payload = self._local_payload()
         if self._world_size() > 1:
             _sum_over_ranks(payload, self.group)
@@ -423,9 +423,10 @@ def track_expert_load(model: nn.Module, **kwargs) -> ExpertLoadTracker:
 
 class ExpertLoadMetricsCallback(TrainerCallback):
     """
-    Adds the expert load figures to the Trainer's training logs, so that every `report_to` integration gets them. Add it
-    with `add_expert_load_metrics(trainer)`, which puts it where it must be: after `DefaultFlowCallback` (which decides
-    at `on_step_end` whether this step logs) and before the reporting callbacks (which read the logs at `on_log`).
+    Adds the expert load figures to the Trainer's training logs, so that every `report_to` integration gets them. Add
+    it with `add_expert_load_metrics(trainer)`, which puts it where it must be: after `DefaultFlowCallback` (which
+    decides at `on_step_end` whether this step logs) and before the reporting callbacks (which read the logs at
+    `on_log`).
 
     The all-reduce runs in `on_step_end` / `on_epoch_end` when the step logs, which every rank reaches at the same
     step, never in `on_log`: a `Trainer.log` call made on some ranks only then never waits for the others.
