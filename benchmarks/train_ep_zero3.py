@@ -15,7 +15,7 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
                ranks like every other weight and gathered whole for each forward and backward.
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
-- `M` D with expert load metrics on every other step (`track_expert_load(engine)` before the step, `collect(step)`
+- `M` D with expert load metrics on every other step (even steps in one repeat, odd in the next) (`track_expert_load(engine)` before the step, `collect(step)`
                inside it: the hooks' counting plus one all-reduce, as when logging every step; off on the other
                steps). Not in the default set: `--variants D M` (`make bench-expert-load`) prints the ratio of M's
                on-steps to its off-steps, in the same processes (what other load on the host does to both cancels
@@ -328,7 +328,7 @@ def rank_main(args) -> dict:
 
             prof = profile(activities=[ProfilerActivity.CPU])
             prof.__enter__()
-        if variant == "M" and step % 2 == 0:
+        if variant == "M" and step % 2 == args.metrics_parity:
             tracker = track_expert_load(engine)  # hooks on for this step (outside the timed part)
         metrics_on.append(tracker is not None)
         dist.barrier()
@@ -551,16 +551,16 @@ def print_profiles(profiles: dict[str, list[dict]], limit: int = 20) -> None:
 
 
 def expert_load_overhead(repeats: list[dict]) -> dict:
-    """M's timed steps in pairs, metrics on then off (adjacent steps of the same launch, so what other load on the host
-    does to one it mostly does to the other): per pair the slowest rank's on / off ratio, median over all pairs of all
-    repeats."""
+    """M's timed steps in pairs, metrics on and off (adjacent steps of the same launch, so what other load on the host
+    does to one it mostly does to the other; the on-steps are the even ones in one repeat, the odd ones in the next):
+    per pair the slowest rank's on / off ratio, median over all pairs of all repeats."""
 
     def pair_ratios(rep, key):
         ranks = list(rep.values())
         steps = range(TIMED_STEPS.start, TIMED_STEPS.stop)
         slowest = {s: max(res[key][s] for res in ranks) for s in steps}
-        on_steps = [s for s in steps if ranks[0]["metrics_on"][s] and s + 1 in slowest]
-        return [slowest[s] / slowest[s + 1] for s in on_steps]
+        on_steps = [s for s in steps if ranks[0]["metrics_on"][s]]
+        return [slowest[s] / slowest[s + 1 if s + 1 in slowest else s - 1] for s in on_steps]
 
     step_pairs = [r for rep in repeats for r in pair_ratios(rep, "step_s")]
     cpu_pairs = [r for rep in repeats for r in pair_ratios(rep, "step_cpu_s")]
@@ -578,10 +578,12 @@ def print_expert_load_overhead(overhead: dict) -> None:
           "figures)")
 
 
-def run_variant(variant: str, cli, profile: bool = False):
+def run_variant(variant: str, cli, profile: bool = False, repeat: int = 0):
     from tests.fork_utils.launcher import launch
 
     args = ["--rank-side", "--variant", variant, "--ep-size", str(cli.ep_size)] + (["--profile"] if profile else [])
+    # M: metrics on the even steps in one repeat, the odd ones in the next (steps of one parity can be slower)
+    args += ["--metrics-parity", str(repeat % 2)]
     load_before = os.getloadavg()[0]
     outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout,
                      env={"OMP_NUM_THREADS": "1"})
@@ -610,7 +612,7 @@ def driver(args) -> int:
     for repeat in range(args.repeats):
         for variant in order[repeat % len(order):] + order[: repeat % len(order)]:  # rotate: interleaved, fair
             print(f"== repeat {repeat + 1}/{args.repeats}, {variant} ({VARIANTS[variant]})", end="", flush=True)
-            result, elapsed = run_variant(variant, args)
+            result, elapsed = run_variant(variant, args, repeat=repeat)
             if result is None:
                 failures.append(f"{variant}#{repeat + 1}")
                 continue
@@ -672,6 +674,7 @@ def main() -> int:
     parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
     parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-parity", type=int, default=0, help=argparse.SUPPRESS)
     return run(parser.parse_args(), rank_main, driver)
 
 
