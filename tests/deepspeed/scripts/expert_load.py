@@ -36,6 +36,7 @@ def parse_args():
     # what ep_train's helpers read
     args.optimizer, args.seed, args.first_step, args.offload = "sgd", 0, 0, []
     args.output_dir, args.save_steps, args.save_only_model = None, None, False
+    args.save_on_each_node, args.record_collectives, args.marker_at_step = False, False, None
     return args
 
 
