@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo \
-	bench-load bench-load-dense bench-save bench-train sweep-families plan-memory check-memory-plan clean
+	bench-load bench-load-dense bench-save bench-train sweep-families plan-memory check-memory-plan bench-expert-load \
+	test-expert-load clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -34,6 +35,8 @@ help:
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
 	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P ...\"  per-rank memory of EP + ZeRO-3 (no weights read)"
 	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, offload (about 7 min)"
+	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
+	@echo "make test-expert-load   every expert load metrics test: Trainer and accelerate, with and without EP, 2 and 4 ranks"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -145,6 +148,16 @@ plan-memory: install
 check-memory-plan: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_MEMORY_PLAN_SWEEP=1 $(PY) -m pytest tests/deepspeed/test_ep_zero3_memory_plan.py -v -s $(PYTEST_ARGS)
+
+# Every expert load metrics test (tests/deepspeed/test_expert_load_metrics.py): Trainer and accelerate, with and
+# without EP, 2 and 4 ranks, the negative control; CI runs part of them. About 7 min.
+test-expert-load: install
+	$(PATCHQ) assemble --quiet
+	EPFORK_EXPERT_LOAD_FULL=1 $(PY) -m pytest tests/deepspeed/test_expert_load_metrics.py $(PYTEST_ARGS)
+
+bench-expert-load: install
+	$(PATCHQ) assemble --quiet
+	$(PY) benchmarks/train_ep_zero3.py --variants D M --repeats 4 $(BENCH_ARGS)
 
 # src/transformers also holds the fork's own (tracked) modules: patchq removes only what assembly made.
 clean:

@@ -15,6 +15,11 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
                ranks like every other weight and gathered whole for each forward and backward.
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
+- `M` D with expert load metrics on every other step (even steps in one repeat, odd in the next) (`track_expert_load(engine)` before the step, `collect(step)`
+               inside it: the hooks' counting plus one all-reduce, as when logging every step; off on the other
+               steps). Not in the default set: `--variants D M` (`make bench-expert-load`) prints the ratio of M's
+               on-steps to its off-steps, in the same processes (what other load on the host does to both cancels
+               out), against its goal (<= 1.02), and M/D over all steps.
 
 Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's communication
 and its expert groups, which B and C do in `deepspeed.initialize`, so their sum is compared too),
@@ -85,9 +90,12 @@ VARIANTS = {
     "D": "EP + ZeRO-3 (ours)",
     "B": "ZeRO-3, no EP (zero.Init)",
     "C": "DeepSpeed AutoEP + ZeRO-3",
+    "M": "D + expert load metrics on every other step",
 }
+DEFAULT_VARIANTS = ("D", "B", "C")
 GOAL_STEP_D_OVER_B = 1.0  # strictly below
 GOAL_STEP_D_OVER_C = 1.0  # at most
+GOAL_STEP_M_OVER_D = 1.02  # at most: expert load metrics on vs off
 MiB = 2**20
 
 
@@ -271,7 +279,7 @@ def rank_main(args) -> dict:
     r, world = rank(), world_size()
     config = deepspeed_config(variant, args.ep_size)
     registered = None
-    if variant in ("D", "B"):
+    if variant in ("D", "B", "M"):
         from transformers.integrations import HfDeepSpeedConfig
 
         registered = HfDeepSpeedConfig(config)  # noqa: F841  (ZeRO-3 registered for from_pretrained; keep alive)
@@ -286,7 +294,7 @@ def rank_main(args) -> dict:
     post_import_rss = proc_status_kb("VmRSS")
     import_s = time.perf_counter() - PROCESS_START
     kwargs = {"dtype": torch.float32}
-    if variant == "D":
+    if variant in ("D", "M"):
         kwargs["distributed_config"] = DistributedConfig(ep_size=args.ep_size)
     dist.barrier()
     start = time.perf_counter()
@@ -304,6 +312,9 @@ def rank_main(args) -> dict:
     init_s = time.perf_counter() - start
     hwm_after_init = proc_status_kb("VmHWM")
     rss_after_init = proc_status_kb("VmRSS")
+    tracker, expert_load, collect_s, metrics_on = None, [], [], []
+    if variant == "M":
+        from transformers.integrations.expert_load_metrics import track_expert_load
 
     vocab = model.config.vocab_size
     losses, step_s, step_cpu_s, threads = [], [], [], []
@@ -317,11 +328,20 @@ def rank_main(args) -> dict:
 
             prof = profile(activities=[ProfilerActivity.CPU])
             prof.__enter__()
+        if variant == "M" and step % 2 == args.metrics_parity:
+            tracker = track_expert_load(engine)  # hooks on for this step (outside the timed part)
+        metrics_on.append(tracker is not None)
         dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         engine.backward(loss)
         engine.step()
+        if tracker is not None:
+            collect_start = time.perf_counter()
+            expert_load.append(tracker.collect(step + 1))  # what a logger would get, every step
+            collect_s.append(time.perf_counter() - collect_start)
+            tracker.remove()
+            tracker = None
         dist.barrier()
         step_s.append(time.perf_counter() - start)
         step_cpu_s.append(time.process_time() - cpu_start)  # every thread of this rank, the gloo ones included
@@ -371,6 +391,9 @@ def rank_main(args) -> dict:
         "has_moe_layers": bool(getattr(engine, "has_moe_layers", False)),
         "partition_groups": expert_partition_groups(engine),
         "profile": profiled,
+        "expert_load_last": expert_load[-1] if expert_load else None,
+        "expert_load_collect_s": collect_s,
+        "metrics_on": metrics_on,
     }
     dist.barrier()
     return result
@@ -452,6 +475,8 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
     ratio("step D/B", "D", "B", "step_s", GOAL_STEP_D_OVER_B, strict=True)
     ratio("step D/C", "D", "C", "step_s", GOAL_STEP_D_OVER_C)
     ratio("step C/B", "C", "B", "step_s")
+    ratio("step M/D (metrics on every other step)", "M", "D", "step_s")
+    ratio("step CPU time M/D", "M", "D", "step_cpu_s")
     ratio("step CPU time D/B", "D", "B", "step_cpu_s")
     ratio("step CPU time D/C", "D", "C", "step_cpu_s")
     ratio("init D/B", "D", "B", "init_s")
@@ -525,10 +550,40 @@ def print_profiles(profiles: dict[str, list[dict]], limit: int = 20) -> None:
             print(f"{name:60s} {e['self_cpu_ms_per_step']:9.2f} {e['calls_per_step']:7.0f}")
 
 
-def run_variant(variant: str, cli, profile: bool = False):
+def expert_load_overhead(repeats: list[dict]) -> dict:
+    """M's timed steps in pairs, metrics on and off (adjacent steps of the same launch, so what other load on the host
+    does to one it mostly does to the other; the on-steps are the even ones in one repeat, the odd ones in the next):
+    per pair the slowest rank's on / off ratio, median over all pairs of all repeats."""
+
+    def pair_ratios(rep, key):
+        ranks = list(rep.values())
+        steps = range(TIMED_STEPS.start, TIMED_STEPS.stop)
+        slowest = {s: max(res[key][s] for res in ranks) for s in steps}
+        on_steps = [s for s in steps if ranks[0]["metrics_on"][s]]
+        return [slowest[s] / slowest[s + 1 if s + 1 in slowest else s - 1] for s in on_steps]
+
+    step_pairs = [r for rep in repeats for r in pair_ratios(rep, "step_s")]
+    cpu_pairs = [r for rep in repeats for r in pair_ratios(rep, "step_cpu_s")]
+    collect_ms = median([median(res["expert_load_collect_s"]) * 1e3 for rep in repeats for res in rep.values()])
+    value = median(step_pairs)
+    return {"step_on_off": value, "pairs": len(step_pairs), "step_cpu_on_off": median(cpu_pairs),
+            "collect_ms": collect_ms, "goal": GOAL_STEP_M_OVER_D, "ok": value <= GOAL_STEP_M_OVER_D}
+
+
+def print_expert_load_overhead(overhead: dict) -> None:
+    verdict = "PASS" if overhead["ok"] else "FAIL"
+    print(f"\nexpert load metrics on/off (adjacent steps, median of {overhead['pairs']} pairs): step "
+          f"{overhead['step_on_off']:.3f}   goal <= {overhead['goal']}: {verdict}; step CPU time "
+          f"{overhead['step_cpu_on_off']:.3f}; collect {overhead['collect_ms']:.2f} ms per step (one all-reduce + the "
+          "figures)")
+
+
+def run_variant(variant: str, cli, profile: bool = False, repeat: int = 0):
     from tests.fork_utils.launcher import launch
 
     args = ["--rank-side", "--variant", variant, "--ep-size", str(cli.ep_size)] + (["--profile"] if profile else [])
+    # M: metrics on the even steps in one repeat, the odd ones in the next (steps of one parity can be slower)
+    args += ["--metrics-parity", str(repeat % 2)]
     load_before = os.getloadavg()[0]
     outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout,
                      env={"OMP_NUM_THREADS": "1"})
@@ -557,7 +612,7 @@ def driver(args) -> int:
     for repeat in range(args.repeats):
         for variant in order[repeat % len(order):] + order[: repeat % len(order)]:  # rotate: interleaved, fair
             print(f"== repeat {repeat + 1}/{args.repeats}, {variant} ({VARIANTS[variant]})", end="", flush=True)
-            result, elapsed = run_variant(variant, args)
+            result, elapsed = run_variant(variant, args, repeat=repeat)
             if result is None:
                 failures.append(f"{variant}#{repeat + 1}")
                 continue
@@ -591,15 +646,22 @@ def driver(args) -> int:
              "deepspeed_config": {v: deepspeed_config(v, args.ep_size) for v in args.variants}}
     raw = {v: [{str(r): res for r, res in rep.items()} for rep in reps] for v, reps in runs.items()}
     payload = {"setup": setup, "environment": environment, **summary, "profiles": profiles, "runs": raw}
+    if runs.get("M"):
+        summary["expert_load"] = expert_load_overhead(runs["M"])
+        print_expert_load_overhead(summary["expert_load"])
     if failures:
         print(f"FAILED launches: {', '.join(failures)}")
     goals = {name: entry for name, entry in summary["ratios"].items() if "ok" in entry}
+    if "expert_load" in summary:
+        overhead = summary["expert_load"]
+        goals["step expert load metrics on/off"] = {"value": overhead["step_on_off"], "goal": overhead["goal"],
+                                                    "ok": overhead["ok"], "op": "<="}
     return finish("train_ep_zero3", args, payload, goals, failures, started)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every variant (0: --profile only)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run of D and C with torch.profiler on rank 0, steps 5-6")
@@ -612,6 +674,7 @@ def main() -> int:
     parser.add_argument("--strict", action="store_true", help="exit with status 2 when a goal is not met")
     parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-parity", type=int, default=0, help=argparse.SUPPRESS)
     return run(parser.parse_args(), rank_main, driver)
 
 
