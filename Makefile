@@ -90,10 +90,10 @@ test-fast: install
 
 # The multi-node tests alone (tests/deepspeed/test_ep_zero3_multinode.py: 2 virtual nodes, each in its own network
 # namespace with its own disk; needs root): load, train, save, resume under torchrun, accelerate and DeepSpeed's
-# launcher, and the network faults. About 8 min here.
+# launcher, and the network faults (`make test` runs two of the five). About 8 min here.
 test-multinode: install
 	$(PATCHQ) assemble --quiet
-	$(PY) -m pytest tests -m multinode $(PYTEST_ARGS)
+	EPFORK_MULTINODE_FULL=1 $(PY) -m pytest tests -m multinode $(PYTEST_ARGS)
 
 # Upstream's own tests as a regression gate (utils/upstream_tests.py): the mixins of the pinned sdist, extracted into
 # build/upstream-tests/, run through the project's model testers (tests/upstream/) for the MoE families on the pristine

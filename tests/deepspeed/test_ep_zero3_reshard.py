@@ -139,12 +139,15 @@ class EPZero3ReshardTest(unittest.TestCase):
         return "hop0-2ranks-ep2", self.references["first_hop"]
 
     def run_chain(self, topologies):
-        """After the first hop, hops on (nproc, ep_size) in turn, each from the previous hop's checkpoint; checked
+        """After the first hop, hops on (nproc, ep_size[, resume_with]) in turn, each from the previous hop's
+        checkpoint, loaded with `load_checkpoint_on_new_topology` unless `resume_with` names another loader; checked
         after each hop."""
         previous, final = self.first_hop()
-        for index, (nproc, ep_size) in enumerate(topologies, start=1):
+        for index, (nproc, ep_size, *resume_with) in enumerate(topologies, start=1):
             name = f"hop{index}-{nproc}ranks-ep{ep_size}"
-            results = self.hop(name, nproc, ep_size, resume_from=previous, first_step=STEPS_PER_HOP * index)
+            extra = ["--resume-with", *resume_with] if resume_with else []
+            results = self.hop(name, nproc, ep_size, resume_from=previous, first_step=STEPS_PER_HOP * index,
+                               extra=extra)
             self.assert_loaded_exactly(results, ep_size, final, STEPS_PER_HOP * index)
             final = self.assert_at_parity_with_one_process(results, ep_size, STEPS_PER_HOP * (index + 1))
             previous = name
@@ -165,8 +168,9 @@ class EPZero3ReshardTest(unittest.TestCase):
     @pytest.mark.slow
     def test_2_to_4_ranks_then_ep2_to_ep4_then_back_to_2_ranks(self):
         """2 ranks EP 2 -> 4 ranks EP 2 (EP x expert-data-parallel 2) -> 4 ranks EP 4 -> 2 ranks EP 2 (fewer ranks,
-        smaller EP)."""
-        self.run_chain([(4, 2), (4, 4), (2, 2)])
+        smaller EP). The EP 2 -> EP 4 hop resumes with DeepSpeed's own `engine.load_checkpoint`, which reshards once
+        an expert-parallel model was handed over to DeepSpeed."""
+        self.run_chain([(4, 2), (4, 4, "deepspeed"), (2, 2)])
 
     def test_trainer_resumes_without_ep_checkpoint_with_ep2(self):
         """`Trainer.train(resume_from_checkpoint=...)` on 2 ranks with EP 2 from a checkpoint of 2 ranks without EP."""

@@ -37,6 +37,7 @@ import glob
 import os
 import re
 from collections import defaultdict
+from functools import wraps
 from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
@@ -439,3 +440,58 @@ def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load
             load_checkpoint_on_new_topology(engine, checkpoint_path)
             return
     deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)
+
+
+def _reshard_expert_parallel_checkpoints_too(engine_class):
+    """
+    Make `engine_class.load_checkpoint` (behind `accelerator.load_state` too) load a checkpoint written on another
+    topology into an engine holding an expert-parallel model under ZeRO-3, through `load_checkpoint_on_new_topology`,
+    where DeepSpeed's own loader refuses it (on the ranks it adds, with a bare `AssertionError`). The same topology,
+    other models, `load_module_only` and a `custom_load_fn` keep DeepSpeed's loader; so does a checkpoint whose tag
+    cannot be found, for which DeepSpeed warns and returns `(None, None)`. Done once, when the first such model is
+    handed over to DeepSpeed, as for the 16-bit consolidation.
+    """
+    load = engine_class.load_checkpoint
+    if getattr(load, "reshards_expert_parallel_models", False):
+        return
+
+    @wraps(load)
+    def load_checkpoint_on_any_topology(engine, load_dir, tag=None, load_module_strict=True,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True,
+                                        load_module_only=False, custom_load_fn=None):
+        import torch.distributed as dist
+
+        from .deepspeed_expert_parallel_save import _expert_parallel_models_in
+
+        def deepspeeds_own():
+            return load(engine, load_dir, tag=tag, load_module_strict=load_module_strict,
+                        load_optimizer_states=load_optimizer_states,
+                        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                        custom_load_fn=custom_load_fn)
+
+        if load_module_only or custom_load_fn is not None or not _expert_parallel_models_in(engine.module):
+            return deepspeeds_own()
+        try:
+            checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
+        except FileNotFoundError:
+            checkpoint_dir = None
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, checkpoint_dir is not None)
+        if not all(found) or not checkpoint_topology_differs(engine, checkpoint_dir):
+            return deepspeeds_own()
+        logger.info(f"{checkpoint_dir} was saved on another topology: resharding it for this one.")
+        return load_checkpoint_on_new_topology(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
+
+    load_checkpoint_on_any_topology.reshards_expert_parallel_models = True
+    engine_class.load_checkpoint = load_checkpoint_on_any_topology
+
+
+def reshard_in_deepspeed_load_checkpoint():
+    """
+    Called when a model is handed over to DeepSpeed (`prepare_expert_parallel_model_for_deepspeed`): from then on,
+    `engine.load_checkpoint` and `accelerator.load_state` resume expert-parallel models on any topology
+    (`_reshard_expert_parallel_checkpoints_too`).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _reshard_expert_parallel_checkpoints_too(DeepSpeedEngine)
