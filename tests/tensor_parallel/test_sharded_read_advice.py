@@ -106,6 +106,23 @@ class ShardedReadAdviceTest(unittest.TestCase):
         self.assertTrue(torch.equal(kept, values))
         del kept, handle
 
+    def test_tensors_outside_the_checkpoint_mappings_are_never_released(self):
+        # A slice that hands out anonymous memory (a copy, not a view of the mapped file) must keep its values
+        handle = safe_open(self.path, framework="pt", device="cpu", backend="mmap")
+        self.assertTrue(modeling_utils._advise_random_access(self.path))
+        values = torch.randn(256, 1024, generator=torch.Generator().manual_seed(2))
+        expected = values.clone()
+
+        class CopyingSlice:
+            def __getitem__(self, index):
+                return values[index]
+
+        view = modeling_utils._RandomAccessSlice(CopyingSlice())[...]
+        del view
+        gc.collect()
+        self.assertTrue(torch.equal(values, expected))
+        del handle
+
     def test_zero3_load_peak_bytes_from_a_meta_model(self):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), dtype=torch.float32)

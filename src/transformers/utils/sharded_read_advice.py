@@ -39,6 +39,11 @@ import weakref
 import torch
 
 
+# The address ranges of the checkpoint mappings advised by `_advise_random_access`, per (device, inode) of the file,
+# replaced each time that file is advised again: only pages inside them are ever released (`_release_pages`)
+_advised_mappings: dict[tuple[str, int], list[tuple[int, int]]] = {}
+
+
 @functools.lru_cache(maxsize=1)
 def _libc_madvise():
     madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -103,7 +108,7 @@ def _advise_random_access(checkpoint_file: str) -> bool:
         return False
     stat = os.stat(checkpoint_file)
     device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}"
-    found = False
+    ranges = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -111,10 +116,19 @@ def _advise_random_access(checkpoint_file: str) -> bool:
                 if len(fields) >= 5 and fields[4] == str(stat.st_ino) and fields[3] == device:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
                     _madvise(start, end - start, mmap.MADV_RANDOM)
-                    found = True
+                    ranges.append((start, end))
     except OSError:
         return False
-    return found
+    _advised_mappings[device, stat.st_ino] = ranges
+    return bool(ranges)
+
+
+def _in_advised_mapping(address: int, length: int) -> bool:
+    """Whether [address, address + length) lies in a checkpoint mapping advised by `_advise_random_access`: a tensor
+    that safetensors copied instead of viewing the mapping (anonymous memory) must never be released."""
+    return any(
+        start <= address and address + length <= end for ranges in _advised_mappings.values() for start, end in ranges
+    )
 
 
 class _RandomAccessSlice:
@@ -135,7 +149,8 @@ class _RandomAccessSlice:
             else:  # a strided view (e.g. sharded along an inner dim) spans from its first to its last element
                 length = (sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
             _madvise(tensor.data_ptr(), length, mmap.MADV_WILLNEED)
-            weakref.finalize(tensor, _release_pages, tensor.untyped_storage(), tensor.data_ptr(), length)
+            if _in_advised_mapping(tensor.data_ptr(), length):
+                weakref.finalize(tensor, _release_pages, tensor.untyped_storage(), tensor.data_ptr(), length)
         return tensor
 
     def get_shape(self):
