@@ -28,7 +28,7 @@ help:
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
 	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
 	@echo "make pr-series the patches proposed upstream as a git format-patch series + PR.md in build/pr-series/"
-	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=...)"
+	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=\"--size large\")"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
 	@echo "make bench-save  2-rank CPU save: EP + ZeRO-3 save_pretrained, get_state_dict vs one process (BENCH_ARGS=\"--layers 8 2\")"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
@@ -104,7 +104,8 @@ test-upstream: install
 	$(PATCHQ) assemble --quiet
 	$(PY) utils/upstream_tests.py $(UPSTREAM_ARGS)
 
-# Load benchmark (benchmarks/load_ep_zero3.py): 2 CPU ranks, 3 cases, about 2-3 min; JSON in benchmarks/results/.
+# Load benchmark (benchmarks/load_ep_zero3.py): 2 CPU ranks, 4 cases, about 3-4 min; JSON in benchmarks/results/.
+# BENCH_ARGS="--size large" loads the same model at 2.6 GB (built once under .cache/bench/, 2 x 2.6 GB of disk).
 BENCH_ARGS ?=
 bench-load: install
 	$(PATCHQ) assemble --quiet

@@ -1,6 +1,7 @@
 """Load benchmark: expert parallelism under DeepSpeed ZeRO-3 against EP-only and the upstream dense ZeRO-3 path.
 
     make bench-load                              # or: .venv/bin/python benchmarks/load_ep_zero3.py [--runs 3]
+    make bench-load BENCH_ARGS="--size large"    # the same at 2.6 GB (hidden 1024, 12 layers), 5.5 x larger
 
 One Qwen3MoeForCausalLM of 461 MB (8 layers, hidden 512, 16 experts, top-2, moe_intermediate 512, vocab 8000, fp32,
 per-expert checkpoint layout, 4 safetensors shards of <= 150 MB) is built once under `.cache/bench/` and copied once
@@ -9,12 +10,17 @@ rank. Each case runs on 2 CPU ranks through its real launcher (under a hard time
 
 - `ep_only`:    torchrun, `DistributedConfig(fsdp_size=2, ep_size=2)` (FSDP2 shards the dense weights)
 - `ep_zero3`:   accelerate launch + docs/configs/accelerate_deepspeed_zero3.yaml, `DistributedConfig(ep_size=2)`
+- `zero3_shard_on_read`: the same launch without a distributed config: `zero.Init`, then this fork's shard-on-read
+  path (each rank fills its ZeRO-3 partitions, experts fused one layer at a time; for its memory at load)
 - `dense_zero3`: the same launch without a distributed config, TRANSFORMERS_ZERO3_SHARD_ON_READ=0: upstream's
   `zero.Init` path (rank 0 reads everything; this fork's shard-on-read path for dense models: load_zero3_dense.py)
 
 Per rank, around `from_pretrained` only (imports, process group and DeepSpeed init before, barriers around it):
 - load wall time with a warm page cache: 1 warm-up, then the median [min-max] of `--runs` loads;
 - peak RSS: VmHWM after resetting it (`echo 5 > /proc/self/clear_refs`) right before the load;
+- peak anonymous and file-backed resident memory apart (RssAnon / RssFile of /proc/self/status, sampled every 2 ms
+  in a thread): anonymous memory cannot be reclaimed (no swap), mapped checkpoint pages can. Against the rank's share
+  (the bytes of the tensors it holds after the load), goal: peak anonymous growth over the load <= 1.15 x the share;
 - cold bytes from disk: the rank's own copy is evicted (posix_fadvise DONTNEED) before one more load, then its
   page-cache residency (mincore) says which bytes were pulled in for this rank, split into dense weights, this
   rank's experts and other ranks' experts; `/proc/self/io` read_bytes over the load is reported beside it;
@@ -46,7 +52,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  # noqa: E402  (beside this script)
 from bench_driver import finish, launch_cases, parse_args, run, start_rank  # noqa: E402
-from proc_stats import proc_status_kb  # noqa: E402
+from proc_stats import ResidentSampler, proc_status_kb, resident_kb  # noqa: E402
 
 CACHE = REPO_ROOT / ".cache" / "bench"
 NPROC = 2
@@ -65,6 +71,17 @@ MODEL = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+# `--size`: the default model, and one 5.5 x larger (2.6 GB: per-expert tensors of 4 MB instead of 1 MB)
+SIZES = {
+    "small": MODEL,
+    "large": {
+        **MODEL,
+        "num_hidden_layers": 12,
+        "hidden_size": 1024,
+        "intermediate_size": 2048,
+        "moe_intermediate_size": 1024,
+    },
+}
 
 
 def checkpoint_name(model: dict) -> str:
@@ -82,10 +99,12 @@ CHECKPOINT_NAME = checkpoint_name(MODEL)  # "qwen3moe-l8-h512-e16-v8000-fp32-150
 CASES = {
     "ep_only": ("torchrun", {"fsdp_size": 2, "ep_size": EP_SIZE}),
     "ep_zero3": ("accelerate", {"ep_size": EP_SIZE}),
+    "zero3_shard_on_read": ("accelerate", None),
     "dense_zero3": ("accelerate", None),
 }
 GOAL_TIME_RATIO = 1.15
 GOAL_COLD_RATIO = 1.1
+GOAL_ANON_RATIO = 1.15
 MB = 1e6
 EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.")
 
@@ -140,6 +159,18 @@ def owned_experts(num_experts: int, rank: int, ep_size: int | None) -> set[int]:
     return set(range(first, first + per_rank))
 
 
+def rank_share(layout: dict, case: str) -> float:
+    """The bytes of the tensors a rank holds once loaded: every dense weight and its experts (EP under ZeRO-3), its
+    FSDP half of the dense weights and its experts (EP-only), its ZeRO-3 partition of everything (dense ZeRO-3)."""
+    dense = sum(e - s for f in layout.values() for k, (s, e) in f["tensors"].items() if expert_of(k) is None)
+    experts = sum(e - s for f in layout.values() for k, (s, e) in f["tensors"].items() if expert_of(k) is not None)
+    if case == "ep_zero3":
+        return dense + experts / EP_SIZE
+    if case == "ep_only":
+        return dense / NPROC + experts / EP_SIZE
+    return (dense + experts) / NPROC
+
+
 def layout_minimum(layout: dict, case: str, rank: int) -> float:
     """The bytes this rank must read for its share: headers, then the dense weights (all of them, or its FSDP half)
     and its experts; rank 0 reads everything on the dense ZeRO-3 path, the other ranks only the headers."""
@@ -150,6 +181,8 @@ def layout_minimum(layout: dict, case: str, rank: int) -> float:
         return headers + dense + experts / EP_SIZE
     if case == "ep_only":
         return headers + dense / NPROC + experts / EP_SIZE
+    if case == "zero3_shard_on_read":
+        return headers + (dense + experts) / NPROC
     return headers + dense + experts if rank == 0 else headers
 
 
@@ -343,10 +376,13 @@ def measure_load(load, layout: dict, own: set[int], cold: bool, describe) -> dic
     dist.barrier()
     reset_peak_rss()
     rss_before = proc_status_kb("VmRSS")
+    parts_before = resident_kb()
     io_before = proc_read_bytes()
     start = time.perf_counter()
-    model = load()
-    seconds = time.perf_counter() - start
+    with ResidentSampler() as sampler:
+        model = load()
+        seconds = time.perf_counter() - start
+    parts_after = resident_kb()
     read_bytes = proc_read_bytes() - io_before
     peak = proc_status_kb("VmHWM")
     dist.barrier()
@@ -357,6 +393,13 @@ def measure_load(load, layout: dict, own: set[int], cold: bool, describe) -> dic
         "peak_rss_mb": peak * 1024 / MB,
         "rss_before_mb": rss_before * 1024 / MB,
         "read_bytes": read_bytes,
+        # anonymous and file-backed resident memory apart (sampled): before, peak over the load, and after it
+        "anon_before_mb": parts_before["anon"] * 1024 / MB,
+        "file_before_mb": parts_before["file"] * 1024 / MB,
+        "peak_anon_mb": sampler.peak["anon"] * 1024 / MB,
+        "peak_file_mb": sampler.peak["file"] * 1024 / MB,
+        "anon_after_mb": parts_after["anon"] * 1024 / MB,
+        "file_after_mb": parts_after["file"] * 1024 / MB,
         **describe(model),
     }
     if cold:
@@ -375,20 +418,22 @@ def rank_main(args) -> dict:
 
     launcher, dist_kwargs = CASES[args.case]
     keep_alive = start_rank(launcher)  # noqa: F841
+    model_config = SIZES[args.size]
 
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     r = rank()
-    path = checkpoint_dir(r)
+    path = checkpoint_dir(r, model_config)
     layout = read_layout(path)
-    own = owned_experts(MODEL["num_experts"], r, dist_kwargs.get("ep_size") if dist_kwargs else None)
+    own = owned_experts(model_config["num_experts"], r, dist_kwargs.get("ep_size") if dist_kwargs else None)
     counter = ReadCounter()
     counter.install()
-    total_expert_elems = MODEL["num_hidden_layers"] * MODEL["num_experts"] * 3 * MODEL["hidden_size"] * MODEL[
-        "moe_intermediate_size"
-    ]
+    total_expert_elems = (
+        model_config["num_hidden_layers"] * model_config["num_experts"] * 3 * model_config["hidden_size"]
+        * model_config["moe_intermediate_size"]
+    )
 
     def load_once(cold: bool) -> dict:
         counter.reset()
@@ -415,8 +460,9 @@ def rank_main(args) -> dict:
         "rank": r,
         "zero3": is_deepspeed_zero3_enabled(),
         "layout_minimum": layout_minimum(layout, args.case, r),
+        "share": rank_share(layout, args.case),
         "total_expert_elems": total_expert_elems,
-        "num_experts": MODEL["num_experts"],
+        "num_experts": model_config["num_experts"],
         "warm": warm,
         "cold": cold,
     }
@@ -453,6 +499,7 @@ def summarize(results: dict) -> dict:
                     "peak_rss_mb": statistics.median(w["peak_rss_mb"] for w in warm),
                     "peak_rss_delta_mb": statistics.median(w["peak_rss_mb"] - w["rss_before_mb"] for w in warm),
                     "rss_before_mb": statistics.median(w["rss_before_mb"] for w in warm),
+                    **memory_figures(warm, cold, rep["share"]),
                     "cold_load_s": cold["seconds"],
                     "cold_peak_rss_mb": cold["peak_rss_mb"],
                     "cold_read_bytes_mb": cold["read_bytes"] / MB,
@@ -490,7 +537,51 @@ def summarize(results: dict) -> dict:
                 "per_rank": ratios, "goal": GOAL_COLD_RATIO, "ok": max(ratios) <= GOAL_COLD_RATIO,
             }
             goals[f"no_rank_all_experts_{case}"] = {"ok": not any(by[case, r]["all_experts"] for r in range(NPROC))}
+    if "zero3_shard_on_read" in results:  # one layer's experts in full as working set: docs/ep_deepspeed.md
+        ratios = [by["zero3_shard_on_read", r]["anon_ratio"] for r in range(NPROC)]
+        goals["info_peak_anon_zero3_shard_on_read_over_share"] = {"per_rank": ratios, "ok": True}
+    if "ep_zero3" in results:
+        ratios = [by["ep_zero3", r]["anon_ratio"] for r in range(NPROC)]
+        goals["peak_anon_ep_zero3_over_share"] = {
+            "per_rank": ratios, "goal": GOAL_ANON_RATIO, "ok": max(ratios) <= GOAL_ANON_RATIO,
+        }
     return {"rows": rows, "goals": goals}
+
+
+def memory_figures(warm: list[dict], cold: dict, share: float) -> dict:
+    """The memory columns of a summary row: median growth over the warm loads of peak anonymous and peak file-backed
+    memory, and of both after the load, against the rank's `share` in bytes; the cold load's peaks beside."""
+    def median_growth(key: str, base: str) -> float:
+        return statistics.median(w[key] - w[base] for w in warm)
+
+    anon = median_growth("peak_anon_mb", "anon_before_mb")
+    return {
+        "share_mb": share / MB,
+        "peak_anon_delta_mb": anon,
+        "peak_file_delta_mb": median_growth("peak_file_mb", "file_before_mb"),
+        "anon_after_delta_mb": median_growth("anon_after_mb", "anon_before_mb"),
+        "file_after_delta_mb": median_growth("file_after_mb", "file_before_mb"),
+        "anon_ratio": anon * MB / share,
+        "cold_peak_anon_delta_mb": cold["peak_anon_mb"] - cold["anon_before_mb"],
+        "cold_peak_file_delta_mb": cold["peak_file_mb"] - cold["file_before_mb"],
+    }
+
+
+def print_memory_table(rows: list[dict]) -> None:
+    """Anonymous and file-backed memory apart, per case and rank (the columns of `memory_figures`)."""
+    header = (
+        "| case | rank | share MB | peak anon MB over before (/ share) | peak file-backed MB over before | after the "
+        "load: anon / file-backed MB over before | cold: peak anon / file-backed MB over before |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for row in rows:
+        print(
+            f"| {row['case']} | {row['rank']} | {row['share_mb']:.1f} | +{row['peak_anon_delta_mb']:.0f} "
+            f"({row['anon_ratio']:.2f}) | +{row['peak_file_delta_mb']:.0f} | +{row['anon_after_delta_mb']:.0f} / "
+            f"+{row['file_after_delta_mb']:.0f} | +{row['cold_peak_anon_delta_mb']:.0f} / "
+            f"+{row['cold_peak_file_delta_mb']:.0f} |"
+        )
 
 
 def print_table(summary: dict) -> None:
@@ -517,15 +608,19 @@ def print_table(summary: dict) -> None:
             f"({row['local_experts_per_layer']}) | {'YES' if row['all_experts'] else 'no'} |"
         )
     print()
+    print_memory_table(summary["rows"])
+    print()
     for name, goal in summary["goals"].items():
         ratios = ", ".join(f"{x:.2f}" for x in goal.get("per_rank", []))
         extra = f" (slowest rank until barrier: {goal['until_barrier']:.2f})" if "until_barrier" in goal else ""
         limit = f" <= {goal['goal']}" if "goal" in goal else ""
-        print(f"{'PASS' if goal['ok'] else 'FAIL'} {name}{limit}: {ratios}{extra}")
+        status = "INFO" if name.startswith("info_") else ("PASS" if goal["ok"] else "FAIL")
+        print(f"{status} {name}{limit}: {ratios}{extra}")
 
 
 def driver(args) -> int:
-    build_checkpoints()
+    model_config = SIZES[args.size]
+    build_checkpoints(model_config)
     import safetensors
     import torch
 
@@ -538,7 +633,7 @@ def driver(args) -> int:
         return CASES[case][0], NPROC, env
 
     started = time.monotonic()
-    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs)])
+    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs), "--size", args.size])
     if not results:
         return 1
     summary = summarize(results)
@@ -547,9 +642,9 @@ def driver(args) -> int:
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
-        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)),
+        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0, model_config)),
     }
-    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, **summary}
+    payload = {"model": model_config, "size": args.size, "nproc": NPROC, "environment": environment, **summary}
     return finish("load_ep_zero3", args, payload, summary["goals"], failures, started)
 
 
@@ -568,7 +663,13 @@ def read_ahead_kb(path: Path) -> int | None:
 
 
 def main() -> int:
-    args = parse_args(__doc__, "load_ep_zero3", list(CASES), "warm loads measured after the warm-up load", 150)
+    def add_size(parser):
+        parser.add_argument("--size", choices=list(SIZES), default="small",
+                            help="small: 461 MB (default); large: 2.6 GB, 5.5 x larger")
+
+    args = parse_args(
+        __doc__, "load_ep_zero3", list(CASES), "warm loads measured after the warm-up load", 150, add_size
+    )
     return run(args, rank_main, driver)
 
 

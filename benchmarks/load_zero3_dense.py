@@ -2,6 +2,7 @@
 load without DeepSpeed.
 
     make bench-load-dense                          # or: .venv/bin/python benchmarks/load_zero3_dense.py [--runs 3]
+    make bench-load-dense BENCH_ARGS="--size large"  # the same at 2.0 GB (hidden 2048, 11 layers), 4.2 x larger
 
 One LlamaForCausalLM of 477 MB (8 layers, hidden 1024, intermediate 2816, 16 heads, vocab 8000, untied, fp32; 119.2 M
 parameters, 4 safetensors shards of <= 150 MB: the dense checkpoint of the research baseline) is built once under
@@ -18,12 +19,14 @@ Per rank, around `from_pretrained` only (imports, process group and DeepSpeed in
 method of benchmarks/load_ep_zero3.py: warm load time (1 warm-up, then the median [min-max] of `--runs` loads; the
 "+barrier" time is until the slowest rank is done), peak RSS (VmHWM reset right before the load), and cold bytes from
 disk (the rank's own copy evicted with posix_fadvise(DONTNEED) before one more load; its page-cache residency after
-the load, and /proc/self/io read_bytes over the load). Which path ran is checked on every rank.
+the load, and /proc/self/io read_bytes over the load), and peak anonymous and file-backed resident memory apart (over
+the load, against the rank's share: its partitions). Which path ran is checked on every rank.
 
 Goals (printed as PASS/FAIL, JSON under benchmarks/results/):
 - shard-on-read: every rank reads at most 1.1 x its own partitions plus the files' headers (cold residency);
 - shard-on-read: rank 0's peak RSS within one parameter (the largest, in bytes) of every other rank's;
-- shard-on-read: load time (slowest rank, until the barrier) at most half of upstream's ZeRO-3 path.
+- shard-on-read: load time (slowest rank, until the barrier) at most half of upstream's ZeRO-3 path;
+- shard-on-read: peak anonymous memory over the load at most 1.15 x the rank's share.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ from bench_checkpoints import build_per_rank_checkpoints, per_rank_checkpoint  #
 from bench_driver import finish, launch_cases, parse_args, run, start_rank  # noqa: E402
 from load_ep_zero3 import (  # noqa: E402  (beside this script: the same measuring method)
     CACHE,
+    GOAL_ANON_RATIO,
     MB,
     measure_load,
+    memory_figures,
+    print_memory_table,
     read_ahead_kb,
     read_layout,
 )
@@ -61,7 +67,11 @@ MODEL = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
-CHECKPOINT_NAME = "llama-l8-h1024-i2816-v8000-fp32-150MB"
+# `--size`: the default model, and one 4.2 x larger (2.0 GB)
+SIZES = {
+    "small": MODEL,
+    "large": {**MODEL, "num_hidden_layers": 11, "hidden_size": 2048, "intermediate_size": 5632},
+}
 # case -> (launcher, extra environment, expected load path on the ZeRO-3 cases)
 CASES = {
     "shard_on_read": ("accelerate", {}, "shard_on_read"),
@@ -72,19 +82,24 @@ GOAL_COLD_RATIO = 1.1
 GOAL_TIME_RATIO = 0.5
 
 
-def checkpoint_dir(rank: int) -> Path:
-    return per_rank_checkpoint(CACHE / CHECKPOINT_NAME, rank)
+def checkpoint_name(model: dict) -> str:
+    return (f"llama-l{model['num_hidden_layers']}-h{model['hidden_size']}-i{model['intermediate_size']}"
+            f"-v{model['vocab_size']}-fp32-150MB")
 
 
-def build_checkpoints() -> None:
+def checkpoint_dir(rank: int, model: dict = MODEL) -> Path:
+    return per_rank_checkpoint(CACHE / checkpoint_name(model), rank)
+
+
+def build_checkpoints(model: dict = MODEL) -> None:
     def make_model():
         import torch
 
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(**MODEL)).to(torch.float32)
+        return LlamaForCausalLM(LlamaConfig(**model)).to(torch.float32)
 
-    build_per_rank_checkpoints(CACHE / CHECKPOINT_NAME, NPROC, make_model)
+    build_per_rank_checkpoints(CACHE / checkpoint_name(model), NPROC, make_model)
 
 
 def partition_minimum(layout: dict, rank: int, world: int) -> tuple[int, int]:
@@ -119,7 +134,7 @@ def rank_main(args) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported here, not inside the cold load)
 
     r = rank()
-    path = checkpoint_dir(r)
+    path = checkpoint_dir(r, SIZES[args.size])
     layout = read_layout(path)
 
     def load_once(cold: bool) -> dict:
@@ -147,6 +162,7 @@ def rank_main(args) -> dict:
         "zero3": is_deepspeed_zero3_enabled(),
         "expected_path": expected_path,
         "partition_minimum": minimum,
+        "share": minimum - sum(f["header"] for f in layout.values()),
         "largest_tensor": largest,
         "checkpoint_bytes": sum(f["size"] for f in layout.values()),
         "warm": warm,
@@ -185,6 +201,7 @@ def summarize(results: dict) -> dict:
                     "cold_read_bytes_ratio": cold["read_bytes"] / rep["partition_minimum"],
                     "largest_tensor_mb": rep["largest_tensor"] / MB,
                     "elements_held_m": warm[0]["elements_held"] / 1e6,
+                    **memory_figures(warm, cold, rep["share"]),
                     "warm_runs": warm,
                     "cold_run": cold,
                 }
@@ -207,6 +224,11 @@ def summarize(results: dict) -> dict:
         excess = [peaks[0] - p for p in peaks[1:]]
         goals["rank0_peak_rss_minus_others_mb"] = {
             "per_rank": excess, "goal_mb": largest, "ok": max(excess) <= largest,
+        }
+    if "shard_on_read" in results:
+        ratios = [by["shard_on_read", r]["anon_ratio"] for r in range(NPROC)]
+        goals["peak_anon_shard_on_read_over_share"] = {
+            "per_rank": ratios, "goal": GOAL_ANON_RATIO, "ok": max(ratios) <= GOAL_ANON_RATIO,
         }
     if "shard_on_read" in results and "upstream_zero3" in results:
         slowest = [slowest_barrier(by, case) for case in ("shard_on_read", "upstream_zero3")]
@@ -243,6 +265,8 @@ def print_table(summary: dict) -> None:
             f"{row['partition_min_mb']:.1f} | {row['cold_ratio']:.2f} | {row['elements_held_m']:.1f} |"
         )
     print()
+    print_memory_table(summary["rows"])
+    print()
     for name, goal in summary["goals"].items():
         ratios = ", ".join(f"{x:.2f}" for x in goal.get("per_rank", []))
         extra = f" (slowest rank until barrier: {goal['until_barrier']:.2f})" if "until_barrier" in goal else ""
@@ -257,7 +281,8 @@ def print_table(summary: dict) -> None:
 
 
 def driver(args) -> int:
-    build_checkpoints()
+    model_config = SIZES[args.size]
+    build_checkpoints(model_config)
     import safetensors
     import torch
 
@@ -268,7 +293,7 @@ def driver(args) -> int:
         return launcher, NPROC, env
 
     started = time.monotonic()
-    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs)])
+    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs), "--size", args.size])
     if not results:
         return 1
     summary = summarize(results)
@@ -277,14 +302,20 @@ def driver(args) -> int:
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
-        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0)), "load_average": os.getloadavg(),
+        "read_ahead_kb": read_ahead_kb(checkpoint_dir(0, model_config)), "load_average": os.getloadavg(),
     }
-    payload = {"model": MODEL, "nproc": NPROC, "environment": environment, **summary}
+    payload = {"model": model_config, "size": args.size, "nproc": NPROC, "environment": environment, **summary}
     return finish("load_zero3_dense", args, payload, summary["goals"], failures, started)
 
 
 def main() -> int:
-    args = parse_args(__doc__, "load_zero3_dense", list(CASES), "warm loads measured after the warm-up load", 180)
+    def add_size(parser):
+        parser.add_argument("--size", choices=list(SIZES), default="small",
+                            help="small: 477 MB (default); large: 2.0 GB, 4.2 x larger")
+
+    args = parse_args(
+        __doc__, "load_zero3_dense", list(CASES), "warm loads measured after the warm-up load", 180, add_size
+    )
     return run(args, rank_main, driver)
 
 

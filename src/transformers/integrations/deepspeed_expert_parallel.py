@@ -469,3 +469,44 @@ def errors_raised_on_every_rank(action, enabled=True):
         error = e
     if enabled:
         _raise_on_every_rank_if_any_failed(error, action)
+
+
+def _is_expert_parameter(name: str) -> bool:
+    # The fused expert parameters of the MoE families (`mlp.experts.gate_up_proj`, `...experts.down_proj`, ...)
+    return ".experts." in f".{name}"
+
+
+def zero3_load_peak_bytes(model, world_size: int, ep_size: int = 1) -> dict[str, int]:
+    """
+    The host memory one rank's `from_pretrained` under DeepSpeed ZeRO-3 adds at its peak, as the load path keeps it
+    (docs/ep_deepspeed.md, "Memory at load"): the rank's share of the weights plus the working set of one conversion
+    group. `model` may be on the meta device (nothing is read); sizes are in the parameters' dtype, the checkpoint's
+    dtype being the same (a cast is not bounded this way).
+
+    - With expert parallelism (`ep_size > 1`): share = every dense weight + the rank's 1/ep_size of each expert
+      parameter; working set = the largest local expert parameter (the fused `gate_up_proj` of one layer: its gate and
+      up stacks exist until they are concatenated into it). The dense weights stay mapped from the checkpoint (page
+      cache, reclaimable) until `deepspeed.initialize` partitions them, so only the experts are anonymous memory: the
+      peak of anonymous memory is at most `share + working_set`.
+    - Without it (shard-on-read): share = the ZeRO-3 partitions, ceil(numel / world_size) elements of each parameter;
+      working set = 3 x the largest expert parameter in full for a model with experts (the sources read for the
+      rank's partition, then the stacks and the fused tensor of one conversion group, at full size; an upper bound: a
+      checkpoint whose experts are already fused has no such group), else 0.
+
+    Returns `{"share": ..., "working_set": ..., "peak": share + working_set}` in bytes.
+    """
+    share, largest_expert, has_experts = 0, 0, False
+    for name, param in model.named_parameters():
+        numel, itemsize = param.numel(), param.element_size()
+        if ep_size > 1 and _is_expert_parameter(name):
+            share += numel // ep_size * itemsize
+            largest_expert = max(largest_expert, numel // ep_size * itemsize)
+        elif ep_size > 1:
+            share += numel * itemsize
+        else:
+            share += -(-numel // world_size) * itemsize
+            if _is_expert_parameter(name):
+                has_experts = True
+                largest_expert = max(largest_expert, numel * itemsize)
+    working_set = largest_expert if ep_size > 1 else 3 * largest_expert * has_experts
+    return {"share": share, "working_set": working_set, "peak": share + working_set}

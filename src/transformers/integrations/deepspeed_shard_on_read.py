@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..utils import logging
+from ..utils.sharded_read_advice import _release_freed_heap
 
 
 logger = logging.get_logger(__name__)
@@ -358,6 +359,9 @@ def _load_group(model, first_target, converter, sources, made, index, targets, r
             target.copy_(converted[name])
         target._is_hf_initialized = True
         loading_info.missing_keys.discard(name)
+    del converted
+    # The group's full-size intermediates are freed: give them back, so that the working set stays one group
+    _release_freed_heap()
 
 
 def shard_on_read_applies(state_dict, checkpoint_files, is_quantized: bool) -> bool:
