@@ -72,8 +72,9 @@ SAVE_WRITER_COPIES = 2.0
 SAVE_OTHER_RANK_COPIES = 2.0
 CONSOLIDATED_SAVE_COPIES = 2.0
 CONSOLIDATED_OTHER_RANK_COPIES = 2.5
-# The loader's working set, in units of one decoder layer's experts as the rank holds them at load
-LOAD_WORKING_SET_LAYERS = 1.0
+# The loader's working set without EP (shard-on-read), in units of the largest expert parameter in full: the sources
+# read for the rank's partition, then the stacks and the fused tensor of one conversion group (`zero3_load_peak_bytes`)
+LOAD_WORKING_SET_COPIES_WITHOUT_EP = 3
 
 
 @dataclass(frozen=True)
@@ -347,22 +348,22 @@ def partition_numel(info: ParameterInfo, world_size: int, ep_size: int) -> int:
 
 def load_working_set(infos: list[ParameterInfo], world_size: int, ep_size: int, element_size: int) -> tuple[int, int]:
     """
-    (share, working set) in bytes of a rank during `from_pretrained`. With EP the rank holds its whole dense weights
-    and its E/P experts until `deepspeed.initialize` partitions them; without EP (`zero.Init`, shard-on-read) its
-    ZeRO-3 partitions. The working set is one decoder layer's experts as the rank holds them at load (the experts of a
-    layer are read and fused together). Adjust here when the loader changes (docs/ep_deepspeed.md, "Memory at load").
+    (share, working set) in bytes of a rank during `from_pretrained`, as the loader keeps it (docs/ep_deepspeed.md,
+    "Memory at load"; `zero3_load_peak_bytes` in integrations/deepspeed_expert_parallel.py computes the same from a
+    model). With EP the rank holds its whole dense weights and its E/P experts until `deepspeed.initialize` partitions
+    them, and the working set is its largest expert parameter (one layer's fused `gate_up_proj`: the gate and up stacks
+    exist until they are concatenated into it). Without EP (shard-on-read) it holds its ZeRO-3 partitions, and the
+    working set is `LOAD_WORKING_SET_COPIES_WITHOUT_EP` x the largest expert parameter in full (0 without experts).
     """
     if ep_size > 1:
         share = sum(info.numel for info in infos)
-        held = {info.name: info.numel for info in infos if info.is_expert}
+        working = max((info.numel for info in infos if info.is_expert), default=0)
     else:
         share = sum(partition_numel(info, world_size, 1) for info in infos)
-        held = {info.name: partition_numel(info, world_size, 1) for info in infos if info.holds_experts}
-    per_layer = {}
-    for info in infos:
-        if info.name in held:
-            per_layer[info.layer] = per_layer.get(info.layer, 0) + held[info.name]
-    return share * element_size, int(LOAD_WORKING_SET_LAYERS * max(per_layer.values(), default=0) * element_size)
+        working = LOAD_WORKING_SET_COPIES_WITHOUT_EP * max(
+            (info.numel for info in infos if info.holds_experts), default=0
+        )
+    return share * element_size, working * element_size
 
 
 def save_working_set(infos: list[ParameterInfo], ep_size: int, element_size: int) -> tuple[int, int]:
