@@ -114,10 +114,10 @@ def switch_off_ep_gather(record):
     original = ep_save._gather_expert_parallel_tensor
     record["expert_gathers_switched_off"] = 0
 
-    def local_slice_only(tensor, layout, ep_group, writer_in_ep_group):
+    def local_slice_only(tensor, layout, ep_group, *args, **kwargs):
         if layout is not None:
             record["expert_gathers_switched_off"] += 1
-        return original(tensor, None, ep_group, writer_in_ep_group)
+        return original(tensor, None, ep_group, *args, **kwargs)
 
     ep_save._gather_expert_parallel_tensor = local_slice_only
 
