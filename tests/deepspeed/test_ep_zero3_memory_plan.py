@@ -6,8 +6,8 @@ The measured side (scripts/ep_memory_plan.py) counts, after `deepspeed.initializ
 the ZeRO-3 state on each rank (parameter partitions, whole persistent parameters, gradient partitions, offload's fp32
 gradients, fp32 master partitions, optimizer state; each storage once), and samples the peak anonymous RSS over
 `from_pretrained` and over `save_pretrained` (glibc's mmap threshold fixed: memory in use, not what glibc keeps for
-reuse). The planner sees only the checkpoint's config. State and save peak must agree within 10 %; the load peak
-must lie between the rank's share and 10 % above the planned bound (the loader's, with and without EP).
+reuse). The planner sees only the checkpoint's config. State, save peak and, with EP, load peak must agree within
+10 %; without EP the load peak must lie between the rank's share and the loader's bound.
 """
 
 import json
@@ -241,8 +241,7 @@ class MemoryPlanAgainstMeasuredTest(unittest.TestCase):
 
     def compare(self, launch_name):
         """Every rank's ZeRO-3 state by kind, dense and experts apart, within 10 %; rank 0's save peak within 10 %;
-        every rank's load peak between its share and 10 % above the planned bound (the loader's contract: the rank's
-        share plus its working set, `zero3_load_peak_bytes`), with and without EP."""
+        every rank's anonymous load peak within 10 % with EP, between the share and the loader's bound without."""
         results = self.run_launch(launch_name)
         nproc, cases = LAUNCHES[launch_name]
         report, failures = [], []
@@ -268,11 +267,13 @@ class MemoryPlanAgainstMeasuredTest(unittest.TestCase):
                     got, planned = measured["save_peak_increase"], plan.save_writer_working_set
                     check(f"{case['name']} rank 0 save peak increase: measured {got / 2**20:.1f} MiB, planned "
                           f"{planned / 2**20:.1f} MiB ({got / planned:.2f})", within(got, planned))
-                # The loader's bound (share + working set), with or without EP: measured 0.73-0.94 of it here
-                got, planned = measured["load_peak_increase"], plan.load_peak
+                # Anonymous memory: with EP the experts' share plus the working set, within 10 % (the dense weights
+                # stay mapped from the checkpoint); without EP the loader's bound (its working set is at most 3 x the
+                # largest expert parameter, 2 x measured here).
+                got, planned = measured["load_peak_increase"], plan.load_peak_anonymous
+                ok = within(got, planned) if case["ep_size"] > 1 else plan.load_share <= got <= planned
                 check(f"{case['name']} rank {rank} load peak increase: measured {got / 2**20:.1f} MiB, planned "
-                      f"{planned / 2**20:.1f} MiB ({got / planned:.2f}), share {plan.load_share / 2**20:.1f} MiB",
-                      0.9 * plan.load_share <= got <= (1 + TOLERANCE) * planned)
+                      f"{planned / 2**20:.1f} MiB ({got / planned:.2f}), share {plan.load_share / 2**20:.1f} MiB", ok)
         print("\n".join(report))
         self.assertFalse(failures, "\n".join(failures))
 

@@ -242,6 +242,8 @@ class MemoryPlan:
     prefetch_bucket: int
     load_share: int
     load_working_set: int
+    # The part of the share that stays mapped from the checkpoint during the load (page cache: reclaimable)
+    load_file_backed: int
     save_writer_working_set: int
     save_other_working_set: int
     activation_inputs: dict = field(default_factory=dict)
@@ -270,7 +272,13 @@ class MemoryPlan:
 
     @property
     def load_peak(self) -> int:
+        """Host memory of the rank at the peak of `from_pretrained`, mapped checkpoint pages included."""
         return self.load_share + self.load_working_set
+
+    @property
+    def load_peak_anonymous(self) -> int:
+        """The part of `load_peak` that cannot be reclaimed (not the checkpoint's mapped pages)."""
+        return self.load_peak - self.load_file_backed
 
     @property
     def save_writer_peak(self) -> int:
@@ -282,7 +290,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(zero3_state=self.zero3_state, load_peak=self.load_peak, save_writer_peak=self.save_writer_peak,
+        out.update(zero3_state=self.zero3_state, load_peak=self.load_peak, load_peak_anonymous=self.load_peak_anonymous,
+                   save_writer_peak=self.save_writer_peak,
                    gpu_per_rank=self.per_device("gpu"), host_per_rank=self.per_device("host"))
         return out
 
@@ -315,7 +324,8 @@ class MemoryPlan:
             f"{'GPU per rank':32s}{'':22s}{gib(self.per_device('gpu'))}   + activations (not modelled)",
             f"{'host per rank (training)':32s}{'':22s}{gib(self.per_device('host'))}",
             f"{'load peak per rank':32s}{'':22s}{gib(self.load_peak)}   rank's share {self.load_share / scale:.2f}"
-            f" + working set {self.load_working_set / scale:.2f}",
+            f" + working set {self.load_working_set / scale:.2f}; not reclaimable {self.load_peak_anonymous / scale:.2f}"
+            f" (the rest: checkpoint pages mapped, page cache)",
             f"{'save peak, writing rank':32s}{'':22s}{gib(self.save_writer_peak)}   state + working set "
             f"{self.save_writer_working_set / scale:.2f} (other ranks + {self.save_other_working_set / scale:.2f})",
             "",
@@ -451,6 +461,8 @@ def plan_memory(
     largest_module = max(gathered_by_module.values(), default=0)
     gathered = max(largest_module, min(zero.max_live_parameters, sum(gathered_by_module.values())))
     share, load_set = load_working_set(infos, world_size, ep_size, low)
+    # With EP the dense weights stay views of the mapped checkpoint until `deepspeed.initialize` partitions them
+    file_backed = sum(info.numel for info in infos if not info.is_expert) * low if ep_size > 1 else 0
     save_writer, save_other = save_working_set(infos, ep_size, low)
     num_parameters = sum(info.numel * (ep_size if info.is_expert else 1) for info in infos)
     return MemoryPlan(
@@ -466,7 +478,7 @@ def plan_memory(
         reduce_bucket=zero.reduce_bucket_size * grad,
         gathered_parameters=gathered * low,
         prefetch_bucket=min(zero.prefetch_bucket_size, zero.max_live_parameters) * low,
-        load_share=share, load_working_set=load_set,
+        load_share=share, load_working_set=load_set, load_file_backed=file_backed,
         save_writer_working_set=save_writer, save_other_working_set=save_other,
         activation_inputs=activation_inputs(config, micro_batch, sequence_length),
     )
