@@ -353,11 +353,6 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     for module_name in {name.rpartition(".")[0] for name in expert_params}:
         modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
     model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
-    # `engine.load_checkpoint` / `accelerator.load_state` then also resume checkpoints of another number of ranks or
-    # EP size (DeepSpeed's loader refuses them)
-    from .deepspeed_expert_parallel_reshard import reshard_in_deepspeed_load_checkpoint
-
-    reshard_in_deepspeed_load_checkpoint()
 
 
 def check_deepspeed_placement(model):

@@ -427,7 +427,9 @@ def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load
     """
     The Trainer's resume from a checkpoint folder (`checkpoint-N`, holding DeepSpeed's `global_stepN`): DeepSpeed's
     `load_checkpoint` when the checkpoint was written on this topology, `load_checkpoint_on_new_topology` when it was
-    written on another number of ranks or EP size under ZeRO-3, which DeepSpeed's loader refuses.
+    written on another number of ranks or EP size under ZeRO-3, which DeepSpeed's loader refuses. Also from each
+    node's own disk (`save_on_each_node`, DeepSpeed's node-local storage): DeepSpeed writes the `latest` tag file on the
+    main node only, so the tag is the folder's `global_step*` (`resolve_checkpoint_dir`).
     """
     from .deepspeed import deepspeed_load_checkpoint
 
@@ -438,6 +440,14 @@ def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load
         if checkpoint_topology_differs(engine, checkpoint_dir):
             logger.info(f"{checkpoint_path} was saved on another topology: resharding it for this one.")
             load_checkpoint_on_new_topology(engine, checkpoint_path)
+            return
+        if not os.path.isfile(os.path.join(checkpoint_path, "latest")):
+            load_path, _ = engine.load_checkpoint(
+                checkpoint_path, tag=os.path.basename(checkpoint_dir), load_module_strict=load_module_strict,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
+            if load_path is None:
+                raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint_path}")
             return
     deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)
 
