@@ -90,7 +90,7 @@ test-fast: install
 
 # The multi-node tests alone (tests/deepspeed/test_ep_zero3_multinode.py: 2 virtual nodes, each in its own network
 # namespace with its own disk; needs root): load, train, save, resume under torchrun, accelerate and DeepSpeed's
-# launcher, and the network faults (`make test` runs two of the five). About 8 min here.
+# launcher, and the network faults (`make test` runs two of the five). About 4 min here.
 test-multinode: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_MULTINODE_FULL=1 $(PY) -m pytest tests -m multinode $(PYTEST_ARGS)
