@@ -37,11 +37,10 @@ from .launcher import (
     LaunchResult,
     _collect_ranks,
     _signal_all,
-    _stragglers,
     _tagged_pids,
     child_environment,
     free_port,
-    kill_job,
+    wait_for_job,
 )
 
 
@@ -314,26 +313,9 @@ def launch_on_nodes(
         for index, (command, output) in enumerate(zip(commands, outputs))
     ]
     job = ClusterJob(cluster, tag, results, processes)
-    timed_out, stragglers, during_result, finished_at = False, [], None, 0.0
     try:
-        if during is not None:
-            during_result = during(job)
-        for proc in processes:
-            proc.wait(timeout=max(0.1, timeout - (time.monotonic() - start)))
-        finished_at = time.monotonic()
-        stragglers = _stragglers(tag)
-    except subprocess.TimeoutExpired:
-        timed_out, finished_at = True, time.monotonic()
-        _signal_all([pid for pid in _tagged_pids(tag) if pid not in {p.pid for p in processes}], signal.SIGUSR1)
-        time.sleep(1.0)
+        end = wait_for_job(tag, processes, start + timeout, during=(lambda: during(job)) if during else None)
     finally:
-        leftover = kill_job(tag)
-        for proc in processes:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
         for output in outputs:
             output.close()
     elapsed = time.monotonic() - start
@@ -345,16 +327,16 @@ def launch_on_nodes(
     outcome = ClusterLaunchResult(
         command=commands[0],
         tag=tag,
-        returncode=None if timed_out else next((code for code in codes if code != 0), 0),
-        timed_out=timed_out,
+        returncode=None if end.timed_out else next((code for code in codes if code != 0), 0),
+        timed_out=end.timed_out,
         elapsed=elapsed,
         timeout=timeout,
         output=output,
-        leftover_pids=leftover,
-        stragglers=stragglers,
+        leftover_pids=end.leftover,
+        stragglers=end.stragglers,
         node_returncodes=codes,
-        finished_at=finished_at,
-        during_result=during_result,
+        finished_at=end.finished_at,
+        during_result=end.during_result,
     )
     outcome.ranks = _collect_ranks(results)
     return outcome

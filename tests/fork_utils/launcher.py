@@ -206,6 +206,46 @@ def child_environment(tag: str, results: Path, backend: str, env: dict[str, str]
     return child_env
 
 
+@dataclass
+class JobEnd:
+    timed_out: bool
+    # time.monotonic() when the last launcher exited, or the deadline struck
+    finished_at: float
+    stragglers: list[int]
+    leftover: list[int]
+    # What `during` returned
+    during_result: object = None
+
+
+def wait_for_job(tag: str, processes: list[subprocess.Popen], deadline: float, during=None) -> JobEnd:
+    """
+    Wait for the launcher `processes` of job `tag` until `deadline` (time.monotonic()), running `during()` first if
+    given; past the deadline ask every rank where it is stuck (worker.run_rank dumps stacks into its log). Then kill
+    whatever of the job is left (processes in sessions of their own included) and reap the launchers.
+    """
+    timed_out, stragglers, during_result = False, [], None
+    try:
+        if during is not None:
+            during_result = during()
+        for proc in processes:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        finished_at = time.monotonic()
+        stragglers = _stragglers(tag)
+    except subprocess.TimeoutExpired:
+        timed_out, finished_at = True, time.monotonic()
+        _signal_all([pid for pid in _tagged_pids(tag) if pid not in {p.pid for p in processes}], signal.SIGUSR1)
+        time.sleep(1.0)
+    finally:
+        leftover = kill_job(tag)
+        for proc in processes:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return JobEnd(timed_out, finished_at, stragglers, leftover, during_result)
+
+
 def launch(
     script: str | Path,
     args: list[str] | tuple = (),
@@ -233,23 +273,9 @@ def launch(
             command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
             cwd=str(REPO_ROOT), start_new_session=True,
         )
-        timed_out = False
-        stragglers = []
-        try:
-            returncode = proc.wait(timeout=timeout)
-            stragglers = _stragglers(tag)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            # Ask every rank where it is stuck (worker.run_rank dumps stacks into its log), then kill them all.
-            _signal_all([pid for pid in _tagged_pids(tag) if pid != proc.pid], signal.SIGUSR1)
-            time.sleep(1.0)
-            returncode = None
-        leftover = kill_job(tag)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        end = wait_for_job(tag, [proc], start + timeout)
+    returncode = None if end.timed_out else proc.returncode
+    timed_out, leftover, stragglers = end.timed_out, end.leftover, end.stragglers
     elapsed = time.monotonic() - start
     outcome = LaunchResult(
         command=command,
