@@ -21,9 +21,10 @@ _C10D = {
     "scatter": 0, "reduce_scatter": 1, "reduce_scatter_tensor": 1, "all_to_all": 1, "all_to_all_single": 1,
     "barrier": None, "all_gather_object": 1, "broadcast_object_list": 0,
 }
+# functional collectives: name -> positional index of the group argument (the tensor is the first)
 _FUNCTIONAL = {
-    "all_reduce": 0, "all_gather_tensor": 0, "all_gather_tensor_autograd": 0, "reduce_scatter_tensor": 0,
-    "reduce_scatter_tensor_autograd": 0, "all_to_all_single": 0, "all_to_all_single_autograd": 0,
+    "all_reduce": 2, "all_gather_tensor": 2, "all_gather_tensor_autograd": 2, "reduce_scatter_tensor": 3,
+    "reduce_scatter_tensor_autograd": 3, "all_to_all_single": 3, "all_to_all_single_autograd": 3,
 }
 
 
@@ -79,13 +80,6 @@ def _wrap(module, name: str, tensor_index: int | None, group_position: int | Non
     setattr(module, name, recording)
 
 
-# Positional index of the group argument where callers may pass it positionally.
-_FUNCTIONAL_GROUP_POSITION = {
-    "all_reduce": 2, "all_gather_tensor": 2, "all_gather_tensor_autograd": 2, "reduce_scatter_tensor": 3,
-    "reduce_scatter_tensor_autograd": 3, "all_to_all_single": 3, "all_to_all_single_autograd": 3,
-}
-
-
 def record_collectives() -> None:
     global _INSTALLED
     if _INSTALLED:
@@ -96,8 +90,8 @@ def record_collectives() -> None:
     for name, index in _C10D.items():
         _wrap(dist, name, index, None)
         _wrap(dist.distributed_c10d, name, index, None)
-    for name, index in _FUNCTIONAL.items():
-        _wrap(funcol, name, index, _FUNCTIONAL_GROUP_POSITION[name])
+    for name, group_position in _FUNCTIONAL.items():
+        _wrap(funcol, name, 0, group_position)
     _INSTALLED = True
 
 
