@@ -80,8 +80,8 @@ def truncate_last_element(path: Path) -> str:
     return key
 
 
-def expected_partition(full: torch.Tensor, rank: int) -> torch.Tensor:
-    size = math.ceil(full.numel() / WORLD)
+def expected_partition(full: torch.Tensor, rank: int, world: int = WORLD) -> torch.Tensor:
+    size = math.ceil(full.numel() / world)
     part = full.reshape(-1)[rank * size : (rank + 1) * size]
     return torch.cat([part, torch.zeros(size - part.numel(), dtype=full.dtype)])
 
@@ -124,14 +124,14 @@ class Zero3ShardOnReadTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def launch_script(self, checkpoint, *extra, env=None):
+    def launch_script(self, checkpoint, *extra, env=None, world=WORLD):
         args = ["--checkpoint", self.checkpoints[checkpoint], *extra]
-        return launch(SCRIPT, args, nproc=WORLD, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
+        return launch(SCRIPT, args, nproc=world, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
                       timeout=LAUNCH_TIMEOUT, env=env)
 
-    def launch_load(self, checkpoint, *extra, env=None):
-        results = self.launch_script(checkpoint, *extra, env=env).check().results()
-        self.assertEqual(sorted(results), list(range(WORLD)))
+    def launch_load(self, checkpoint, *extra, env=None, world=WORLD):
+        results = self.launch_script(checkpoint, *extra, env=env, world=world).check().results()
+        self.assertEqual(sorted(results), list(range(world)))
         return results
 
     def assert_took_path(self, report, path):
@@ -140,7 +140,8 @@ class Zero3ShardOnReadTest(unittest.TestCase):
         log = NEW_PATH_LOG if path == "shard_on_read" else UPSTREAM_PATH_LOG
         self.assertTrue(any(m.startswith(log) for m in report["messages"]), report["messages"])
 
-    def assert_equals_single_process(self, results, checkpoint, dtype=torch.float32, path="shard_on_read"):
+    def assert_equals_single_process(self, results, checkpoint, dtype=torch.float32, path="shard_on_read",
+                                     world=WORLD):
         reference, reference_info = single_process_load(self.checkpoints[checkpoint], dtype)
         reference_params = dict(reference.named_parameters())
         reference_buffers = dict(reference.named_buffers())
@@ -151,11 +152,11 @@ class Zero3ShardOnReadTest(unittest.TestCase):
                 want = reference_params[name].detach()
                 self.assertTrue(entry["ds_id"], f"rank {rank}: {name} is not a ZeRO-3 parameter")
                 self.assertEqual(entry["ds_numel"], want.numel())
-                self.assertEqual(entry["ds_local_numel"], math.ceil(want.numel() / WORLD), f"rank {rank}: {name}")
+                self.assertEqual(entry["ds_local_numel"], math.ceil(want.numel() / world), f"rank {rank}: {name}")
                 self.assertEqual(entry["dtype"], want.dtype, f"rank {rank}: {name}")
                 self.assertTrue(torch.equal(entry["gathered"], want), f"rank {rank}: {name} differs from the "
                                 f"single-process load by {(entry['gathered'].float() - want.float()).abs().max()}")
-                self.assertTrue(torch.equal(entry["local"], expected_partition(want, rank)),
+                self.assertTrue(torch.equal(entry["local"], expected_partition(want, rank, world)),
                                 f"rank {rank}: the partition of {name} is not its slice of the parameter")
             self.assertEqual(set(report["buffers"]), set(reference_buffers))
             for name, buffer in report["buffers"].items():
@@ -194,6 +195,17 @@ class Zero3ShardOnReadTest(unittest.TestCase):
         for rank, report in results.items():
             # only the experts a rank's partitions are made of are read: about half the checkpoint, never all of it
             self.assertLess(report["last_load"]["bytes_read"], 0.65 * total, f"rank {rank}")
+
+    def test_moe_partitions_that_start_inside_an_expert(self):
+        """3 ranks: each fused expert parameter's partitions begin and end inside an expert's rows (gate_up_proj of
+        4 x 64 x 64 in partitions of 5462 elements), so each rank converts the experts its partitions span, some of
+        them for a part only, and copies its slice out of them at an offset."""
+        world = 3
+        results = self.launch_load("qwen3_moe", world=world)
+        self.assert_equals_single_process(results, "qwen3_moe", world=world)
+        gate_up = results[0]["params"]["model.layers.0.mlp.experts.gate_up_proj"]
+        row = gate_up["ds_numel"] // 4  # 4 experts
+        self.assertNotEqual(gate_up["ds_local_numel"] % row, 0, "the partitions should split an expert's rows")
 
     def test_tied_embeddings(self):
         results = self.launch_load("llama_tied")

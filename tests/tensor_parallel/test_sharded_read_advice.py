@@ -21,7 +21,11 @@ from safetensors.torch import save_file
 
 from tests.fork_utils.tiny_models import make_checkpoint, reference_state_dict, tiny_config
 from transformers import AutoModelForCausalLM, modeling_utils
-from transformers.integrations.deepspeed_expert_parallel import zero3_load_peak_bytes
+from transformers.integrations.deepspeed_expert_parallel import (
+    expert_load_conversions,
+    rows_of_largest_partition,
+    zero3_load_peak_bytes,
+)
 
 
 def smaps_fields_of_mappings(path: str, field: str) -> list[list[str]]:
@@ -136,7 +140,27 @@ class ShardedReadAdviceTest(unittest.TestCase):
         self.assertEqual(ep["peak"], ep["share"] + ep["working_set"])
         zero3 = zero3_load_peak_bytes(model, world_size=2)
         self.assertEqual(zero3["share"], sum(-(-p.numel() // 2) * 4 for p in params.values()))
-        self.assertEqual(zero3["working_set"], 3 * max(experts.values()))
+        # Twice the experts of gate_up_proj a rank's partition spans (2 of 4): its gate and up stacks, then their
+        # concatenation
+        gate_up = max(n for name, n in experts.items() if name.endswith("gate_up_proj"))
+        self.assertEqual(zero3["working_set"], 2 * gate_up // 2)
+        conversions = expert_load_conversions(model)
+        self.assertEqual(conversions["model.layers.0.mlp.experts.gate_up_proj"], (2, True))
+        self.assertEqual(conversions["model.layers.0.mlp.experts.down_proj"], (1, True))
+
+    def test_rows_of_largest_partition(self):
+        self.assertEqual(rows_of_largest_partition(rows=4, numel=4 * 10, world_size=2), 2)  # rows 0-1, 2-3
+        self.assertEqual(rows_of_largest_partition(rows=4, numel=4 * 10, world_size=3), 2)  # [0, 14) [14, 28) [28, 40)
+        self.assertEqual(rows_of_largest_partition(rows=4, numel=4 * 10, world_size=8), 1)  # 5 elements, half a row
+        self.assertEqual(rows_of_largest_partition(rows=3, numel=3 * 7, world_size=2), 2)  # [0, 11) spans rows 0-1
+        self.assertEqual(rows_of_largest_partition(rows=16, numel=16 * 6, world_size=1), 16)
+
+    def test_no_working_set_without_weight_converters(self):
+        """gemma4 stores its experts fused: the shard-on-read path reads each partition as it is stored."""
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(tiny_config("gemma4_text"), dtype=torch.float32)
+        self.assertEqual(expert_load_conversions(model), {})
+        self.assertEqual(zero3_load_peak_bytes(model, world_size=2)["working_set"], 0)
 
     def test_single_process_load_takes_no_advice(self):
         checkpoint = make_checkpoint("qwen3_moe", Path(self.tmp.name) / "moe", seed=3)

@@ -39,6 +39,7 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
 import contextlib
 import importlib.metadata
 import os
+import re
 from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
@@ -471,6 +472,70 @@ def _is_expert_parameter(name: str) -> bool:
     return ".experts." in f".{name}"
 
 
+def converts_by_rows(converter) -> bool:
+    """
+    Whether row i of the converter's output (its dim 0: the expert) is made of the i-th checkpoint tensor of each
+    source pattern alone: the experts stacked along dim 0 (`MergeModulelist(dim=0)`), then at most concatenated along
+    another dim (gate and up into `gate_up_proj`). A ZeRO-3 partition spans a range of rows, so the shard-on-read load
+    converts only the experts of that range.
+    """
+    from ..core_model_loading import Concatenate, MergeModulelist
+
+    first, *rest = converter.operations or [None]
+    return (
+        isinstance(first, MergeModulelist) and first.dim == 0
+        and all(isinstance(op, Concatenate) and op.dim != 0 for op in rest)
+    )
+
+
+class ExpertLoadConversion(NamedTuple):
+    """How the loader makes one expert parameter from per-expert checkpoint tensors (`expert_load_conversions`)."""
+
+    # Tensors of the converted size held at once: the stacks of the experts (`MergeModulelist`) live until their
+    # concatenation (`Concatenate`) is made, so 2 for a fused `gate_up_proj` and 1 for a stacked `down_proj`; one
+    # more when an operation does more than move elements (every source is then read in full)
+    copies: int
+    # Converted only for the experts a rank's ZeRO-3 partition spans (`converts_by_rows`), else in full
+    by_rows: bool
+
+
+def expert_load_conversions(model) -> dict[str, ExpertLoadConversion]:
+    """
+    The conversion of each expert parameter that the model's weight converters make from per-expert checkpoint
+    tensors. A parameter loaded as it is stored (checkpoints in the model's layout, e.g. gpt-oss) is absent. `model`
+    may be on the meta device.
+    """
+    from ..conversion_mapping import get_model_conversion_mapping
+    from ..core_model_loading import Chunk, Concatenate, MergeModulelist, Split, Transpose, WeightConverter
+
+    converters = [c for c in get_model_conversion_mapping(model) or [] if isinstance(c, WeightConverter)]
+    makes_a_tensor = (MergeModulelist, Concatenate)
+    moves_elements = (*makes_a_tensor, Chunk, Split, Transpose)
+    conversions = {}
+    for name, _ in model.named_parameters():
+        if not _is_expert_parameter(name):
+            continue
+        for converter in converters:
+            if any(re.search(pattern, name) for pattern in converter.target_patterns):
+                operations = converter.operations
+                copies = sum(isinstance(op, makes_a_tensor) for op in operations)
+                copies += 0 if all(isinstance(op, moves_elements) for op in operations) else 1
+                conversions[name] = ExpertLoadConversion(copies, converts_by_rows(converter))
+                break
+    return conversions
+
+
+def rows_of_largest_partition(rows: int, numel: int, world_size: int) -> int:
+    """The most rows (dim 0) of a `rows` x (numel / rows) tensor that one of `world_size` ZeRO-3 partitions spans
+    (a partition is `ceil(numel / world_size)` consecutive elements, so it may start or end inside a row)."""
+    row, size = numel // rows, -(-numel // world_size)
+    spans = [
+        (min(start + size, numel) - 1) // row - start // row + 1
+        for start in range(0, numel, size)
+    ]
+    return max(spans, default=0)
+
+
 def zero3_load_peak_bytes(model, world_size: int, ep_size: int = 1) -> dict[str, int]:
     """
     The host memory one rank's `from_pretrained` under DeepSpeed ZeRO-3 adds at its peak, as the load path keeps it
@@ -484,24 +549,27 @@ def zero3_load_peak_bytes(model, world_size: int, ep_size: int = 1) -> dict[str,
       cache, reclaimable) until `deepspeed.initialize` partitions them, so only the experts are anonymous memory: the
       peak of anonymous memory is at most `share + working_set`.
     - Without it (shard-on-read): share = the ZeRO-3 partitions, ceil(numel / world_size) elements of each parameter;
-      working set = 3 x the largest expert parameter in full for a model with experts (the sources read for the
-      rank's partition, then the stacks and the fused tensor of one conversion group, at full size; an upper bound: a
-      checkpoint whose experts are already fused has no such group), else 0.
+      working set = the largest conversion (`expert_load_conversions`): its copies x the experts it converts (those
+      the rank's partition spans, `rows_of_largest_partition`, when it `converts_by_rows`, else all) x an expert's
+      size. For a fused `gate_up_proj`: the gate and up stacks and their concatenation, 2 x the rank's experts of it,
+      out of which the partition is copied. 0 when no parameter is converted.
 
     Returns `{"share": ..., "working_set": ..., "peak": share + working_set}` in bytes.
     """
-    share, largest_expert, has_experts = 0, 0, False
+    conversions = expert_load_conversions(model) if ep_size == 1 else {}
+    share, working_set = 0, 0
     for name, param in model.named_parameters():
         numel, itemsize = param.numel(), param.element_size()
         if ep_size > 1 and _is_expert_parameter(name):
             share += numel // ep_size * itemsize
-            largest_expert = max(largest_expert, numel // ep_size * itemsize)
+            working_set = max(working_set, numel // ep_size * itemsize)
         elif ep_size > 1:
             share += numel * itemsize
         else:
             share += -(-numel // world_size) * itemsize
-            if _is_expert_parameter(name):
-                has_experts = True
-                largest_expert = max(largest_expert, numel * itemsize)
-    working_set = largest_expert if ep_size > 1 else 3 * largest_expert * has_experts
+            if name in conversions:
+                copies, by_rows = conversions[name]
+                rows = param.shape[0]
+                converted_rows = rows_of_largest_partition(rows, numel, world_size) if by_rows else rows
+                working_set = max(working_set, copies * converted_rows * (numel // rows) * itemsize)
     return {"share": share, "working_set": working_set, "peak": share + working_set}

@@ -72,9 +72,6 @@ SAVE_WRITER_COPIES = 2.0
 SAVE_OTHER_RANK_COPIES = 2.0
 CONSOLIDATED_SAVE_COPIES = 2.0
 CONSOLIDATED_OTHER_RANK_COPIES = 2.5
-# The loader's working set without EP (shard-on-read), in units of the largest expert parameter in full: the sources
-# read for the rank's partition, then the stacks and the fused tensor of one conversion group (`zero3_load_peak_bytes`)
-LOAD_WORKING_SET_COPIES_WITHOUT_EP = 3
 
 
 @dataclass(frozen=True)
@@ -139,6 +136,11 @@ class ParameterInfo:
     is_expert: bool  # expert parallel: E/P experts per rank, partitioned over the expert-data-parallel group
     holds_experts: bool  # placed by the EP plan's expert styles (with or without EP)
     layer: str | None  # the decoder layer it belongs to, for the per-layer working sets
+    # The loader's conversion without EP (`expert_load_conversions`): tensors of the converted size it holds at once
+    # (0: loaded as stored), and how many of the parameter's rows (experts) it converts for one rank
+    load_copies: int = 0
+    load_rows: int = 0
+    rows: int = 1  # dim 0 (experts) in full
 
 
 def _dtype(name: str):
@@ -185,14 +187,15 @@ def _layer_of(name: str) -> str | None:
     return None
 
 
-def model_parameters(model, ep_size: int) -> list[ParameterInfo]:
+def model_parameters(model, ep_size: int, world_size: int = 1) -> list[ParameterInfo]:
     """Every parameter with the elements a rank holds before ZeRO-3 partitions it (experts: E/P of them)."""
     from ..distributed.parallel_utils import _get_parameter_plan
-    from .deepspeed_expert_parallel import _EXPERT_PARALLEL_STYLES
+    from .deepspeed_expert_parallel import _EXPERT_PARALLEL_STYLES, expert_load_conversions, rows_of_largest_partition
 
     plan = model.ep_plan
     if ep_size > 1 and not plan:
         raise ValueError(f"`ep_size={ep_size}` was requested, but {type(model).__name__} has no `ep_plan`")
+    conversions = expert_load_conversions(model)
     infos = []
     for name, param in model.named_parameters():
         style = _get_parameter_plan(parameter_name=name, plan=plan, is_weight=True) if plan else None
@@ -201,7 +204,11 @@ def model_parameters(model, ep_size: int) -> list[ParameterInfo]:
         if is_expert and param.shape[0] % ep_size:
             raise ValueError(f"Cannot evenly shard {param.shape[0]} experts of `{name}` across {ep_size} EP ranks")
         numel = param.numel() // ep_size if is_expert else param.numel()
-        infos.append(ParameterInfo(name, name.rpartition(".")[0], numel, is_expert, holds_experts, _layer_of(name)))
+        rows = param.shape[0] if param.dim() else 1
+        copies, by_rows = conversions.get(name, (0, False))
+        load_rows = rows_of_largest_partition(rows, param.numel(), world_size) if by_rows else rows
+        infos.append(ParameterInfo(name, name.rpartition(".")[0], numel, is_expert, holds_experts, _layer_of(name),
+                                   copies, load_rows, rows))
     return infos
 
 
@@ -363,16 +370,16 @@ def load_working_set(infos: list[ParameterInfo], world_size: int, ep_size: int, 
     model). With EP the rank holds its whole dense weights and its E/P experts until `deepspeed.initialize` partitions
     them, and the working set is its largest expert parameter (one layer's fused `gate_up_proj`: the gate and up stacks
     exist until they are concatenated into it). Without EP (shard-on-read) it holds its ZeRO-3 partitions, and the
-    working set is `LOAD_WORKING_SET_COPIES_WITHOUT_EP` x the largest expert parameter in full (0 without experts).
+    working set is the largest conversion: `load_copies` x the rows (experts) it converts for the rank (those its
+    partition spans) x a row (a fused `gate_up_proj`: its two stacks and the concatenated tensor, out of which the
+    partition is copied), 0 when nothing is converted.
     """
     if ep_size > 1:
         share = sum(info.numel for info in infos)
         working = max((info.numel for info in infos if info.is_expert), default=0)
     else:
         share = sum(partition_numel(info, world_size, 1) for info in infos)
-        working = LOAD_WORKING_SET_COPIES_WITHOUT_EP * max(
-            (info.numel for info in infos if info.holds_experts), default=0
-        )
+        working = max((info.load_copies * info.load_rows * (info.numel // info.rows) for info in infos), default=0)
     return share * element_size, working * element_size
 
 
@@ -424,7 +431,7 @@ def plan_memory(
         raise ValueError(f"unknown optimizer {optimizer!r}: use one of {sorted(OPTIMIZER_STATES)}")
     zero = zero or ZeroOptions()
     config = _load_config(config_or_path)
-    infos = model_parameters(_meta_model(config, dtype), ep_size)
+    infos = model_parameters(_meta_model(config, dtype), ep_size, world_size)
     low = _element_size(dtype)
     grad = _element_size(zero.grad_accum_dtype or dtype)
     fp32 = 4

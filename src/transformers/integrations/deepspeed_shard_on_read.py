@@ -276,12 +276,13 @@ def plan_load(model, index: dict[str, CheckpointTensor], targets: dict[str, torc
     return plan
 
 
-def _write_partition(param, values: torch.Tensor) -> None:
-    """Copy this rank's slice of the flattened full-size `values` into `param.ds_tensor` (cast like `copy_`)."""
+def _write_partition(param, values: torch.Tensor | None, offset: int = 0) -> None:
+    """Copy this rank's slice of the flattened `values` into `param.ds_tensor` (cast like `copy_`): `values` holds the
+    parameter's elements from `offset` on (the full tensor, or the rows a windowed conversion made)."""
     start, stop, partition_numel = partition_range(param)
     count = max(stop - start, 0)
     if count:
-        param.ds_tensor.narrow(0, 0, count).copy_(values.reshape(-1)[start:stop])
+        param.ds_tensor.narrow(0, 0, count).copy_(values.reshape(-1)[start - offset : stop - offset])
     param.ds_tensor.narrow(0, count, partition_numel - count).zero_()
 
 
@@ -313,9 +314,10 @@ def _load_all_direct(direct: dict[str, str], index, targets, reader: RangeReader
             future.result()
 
 
-def _sources_needed(model, first_target, converter, sources, index, targets, made) -> set[str]:
+def _sources_needed(model, first_target, converter, sources, index, targets, made, offsets) -> set[str]:
     """The checkpoint keys of a group this rank's partitions are made of: all of them, unless the converter only moves
-    elements, in which case its output is traced with the index of each source in place of the values."""
+    elements, in which case its output is traced with the index of each source in place of the values (`offsets`:
+    the first element of each target the conversion of `sources` makes, see `_row_window`)."""
     keys = [key for _, key in sources]
     if not all(type(op).__name__ in LAYOUT_OPERATIONS for op in converter.operations):
         return set(keys)
@@ -330,13 +332,61 @@ def _sources_needed(model, first_target, converter, sources, index, targets, mad
     used = torch.zeros(len(keys), dtype=torch.bool)
     for name in made:
         start, stop, _ = partition_range(targets[name])
+        start, stop = start - offsets[name], stop - offsets[name]
         if stop > start:  # bincount: linear in the slice, where unique() sorts it
             used |= torch.bincount(traced[name].reshape(-1)[start:stop], minlength=len(keys)) > 0
     return {keys[i] for i in used.nonzero().flatten().tolist()}
 
 
+def _mark_loaded(name, target, loading_info) -> None:
+    target._is_hf_initialized = True
+    loading_info.missing_keys.discard(name)
+
+
+def _row_window(converter, sources, made, targets) -> tuple[list, dict[str, int]] | None:
+    """
+    For a converter whose output row i (the expert) is made of the i-th source of each pattern alone
+    (`converts_by_rows`): the sources of the rows this rank's partitions span and, per target, the element its
+    conversion starts at. Converting those alone keeps the working set to the rank's experts instead of all of them
+    in full. None when the group does not qualify (it is then converted in full).
+    """
+    from .deepspeed_expert_parallel import converts_by_rows
+
+    if not converts_by_rows(converter) or not all(is_zero3_param(targets[name]) for name in made):
+        return None
+    rows_of = {}
+    for pattern, _ in sources:
+        rows_of[pattern] = rows_of.get(pattern, 0) + 1
+    rows = set(rows_of.values())
+    if len(rows) != 1 or any(targets[name].ds_shape[0] not in rows for name in made):
+        return None
+    rows = rows.pop()
+    first, last = rows, -1
+    for name in made:
+        param = targets[name]
+        start, stop, _ = partition_range(param)
+        row = param.ds_numel // rows
+        if stop > start:
+            first, last = min(first, start // row), max(last, (stop - 1) // row)
+    position, window = {}, []
+    for pattern, key in sources:  # each pattern's sources in loading order: row 0, 1, ...
+        position[pattern] = position.get(pattern, -1) + 1
+        if first <= position[pattern] <= last:
+            window.append((pattern, key))
+    return window, {name: first * (targets[name].ds_numel // rows) for name in made}
+
+
 def _load_group(model, first_target, converter, sources, made, index, targets, reader, loading_info) -> None:
-    needed = _sources_needed(model, first_target, converter, sources, index, targets, made)
+    offsets = dict.fromkeys(made, 0)
+    window = _row_window(converter, sources, made, targets)
+    if window is not None:
+        sources, offsets = window
+    if not sources:  # no row of this group in the rank's partitions (a padding-only partition)
+        for name in made:
+            _write_partition(targets[name], None)
+            _mark_loaded(name, targets[name], loading_info)
+        return
+    needed = _sources_needed(model, first_target, converter, sources, index, targets, made, offsets)
 
     def load_source(key):
         entry = index[key]
@@ -354,11 +404,10 @@ def _load_group(model, first_target, converter, sources, made, index, targets, r
     for name in made:
         target = targets[name]
         if is_zero3_param(target):
-            _write_partition(target, converted[name])
+            _write_partition(target, converted[name], offsets[name])
         else:
             target.copy_(converted[name])
-        target._is_hf_initialized = True
-        loading_info.missing_keys.discard(name)
+        _mark_loaded(name, target, loading_info)
     del converted
     # The group's full-size intermediates are freed: give them back, so that the working set stays one group
     _release_freed_heap()
@@ -464,8 +513,7 @@ def load_zero3_partitions_on_read(model, state_dict, checkpoint_files, load_conf
             plan = plan_load(model, index, targets, load_config.weight_mapping)
             _load_all_direct(plan.direct, index, targets, reader)
             for name in plan.direct:
-                targets[name]._is_hf_initialized = True
-                loading_info.missing_keys.discard(name)
+                _mark_loaded(name, targets[name], loading_info)
             for first_target, (converter, sources) in plan.groups.items():
                 _load_group(
                     model, first_target, converter, sources, plan.group_targets[first_target], index, targets,

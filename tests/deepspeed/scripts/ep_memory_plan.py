@@ -43,11 +43,12 @@ def release_free_memory():
 
 class PeakAnonymousMemory:
     """The peak of RssAnon (memory that cannot be reclaimed, unlike the checkpoint's page cache) over a block, minus
-    its value at the start, in bytes; sampled every millisecond by a thread."""
+    its lowest value in the block (its value at the start, unless memory left over from before, such as the previous
+    configuration's, was freed during the block), in bytes; sampled every millisecond by a thread."""
 
     def __enter__(self):
         release_free_memory()
-        self.start = self.peak = anon_kb()
+        self.start = self.peak = self.lowest = anon_kb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -55,13 +56,14 @@ class PeakAnonymousMemory:
 
     def _sample(self):
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, anon_kb())
+            now = anon_kb()
+            self.peak, self.lowest = max(self.peak, now), min(self.lowest, now)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, anon_kb())
-        self.increase = (self.peak - self.start) * 1024
+        self.increase = (self.peak - self.lowest) * 1024
 
 
 def deepspeed_config(case, args) -> dict:
