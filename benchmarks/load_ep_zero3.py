@@ -410,6 +410,40 @@ def measure_load(load, layout: dict, own: set[int], cold: bool, describe) -> dic
     return run
 
 
+ORIGINAL_RELEASES: dict = {}
+
+
+def set_memory_releases(on: bool) -> None:
+    """Switch the two releases of "Memory at load" (docs/ep_deepspeed.md) on or off in this process (`--ab-releases`):
+    `malloc_trim` after each converter group, `MADV_DONTNEED` of the checkpoint pages of consumed tensors."""
+    import transformers.core_model_loading as loading
+    import transformers.integrations.deepspeed_shard_on_read as shard_on_read
+    import transformers.utils.sharded_read_advice as advice
+
+    originals = ORIGINAL_RELEASES.setdefault("functions", (advice._release_freed_heap, advice._release_pages))
+    release_heap, release_pages = originals if on else (lambda: None, lambda storage, address, length: None)
+    loading._release_freed_heap = shard_on_read._release_freed_heap = release_heap
+    advice._release_pages = release_pages
+
+
+def ab_release_rounds(load_once, rounds: int) -> dict:
+    """Warm loads with the releases on and off, interleaved in the same processes, the order swapped each round (so
+    that neither mode always follows the other): wall and process CPU seconds of each."""
+    times = {"on": [], "off": []}
+    for round_index in range(rounds):
+        for mode in ("on", "off") if round_index % 2 == 0 else ("off", "on"):
+            set_memory_releases(mode == "on")
+            cpu, wall = time.process_time(), time.perf_counter()
+            run = load_once(cold=False)
+            # With the releases off, the checkpoint's pages are unmapped later, when the model is freed: the load's
+            # wall and CPU time up to and with the model's release count both
+            times[mode].append({"seconds": run["seconds"], "with_release_seconds": time.perf_counter() - wall,
+                                "cpu_seconds": time.process_time() - cpu,
+                                "peak_anon_mb": run["peak_anon_mb"] - run["anon_before_mb"]})
+    set_memory_releases(True)
+    return times
+
+
 def rank_main(args) -> dict:
     import torch
     import torch.distributed as dist
@@ -454,8 +488,10 @@ def rank_main(args) -> dict:
     # keeps alive) could not be evicted. Then the warm-up load, then the measured warm loads.
     cold = load_once(cold=True)
     warm = [load_once(cold=False) for _ in range(1 + args.runs)][1:]
+    ab = ab_release_rounds(load_once, args.ab_releases) if args.ab_releases else None
     dist.barrier()
     return {
+        "ab_releases": ab,
         "case": args.case,
         "rank": r,
         "zero3": is_deepspeed_zero3_enabled(),
@@ -517,6 +553,7 @@ def summarize(results: dict) -> dict:
                     "all_experts": all_experts,
                     "warm_runs": warm,
                     "cold_run": cold,
+                    "ab_releases": rep.get("ab_releases"),
                 }
             )
     goals = {}
@@ -618,6 +655,36 @@ def print_table(summary: dict) -> None:
         print(f"{status} {name}{limit}: {ratios}{extra}")
 
 
+def print_release_comparison(results: dict) -> None:
+    """`--ab-releases`: per case and rank, warm load time with the memory releases on against off."""
+    for case, ranks in results.items():
+        for r, rep in sorted(ranks.items()):
+            if not rep.get("ab_releases"):
+                continue
+            ab = rep["ab_releases"]
+
+            def figures(mode):
+                runs = ab[mode]
+                return (f"median {statistics.median(x['seconds'] for x in runs):.2f} s "
+                        f"(min {min(x['seconds'] for x in runs):.2f}); with the model's release "
+                        f"{statistics.median(x['with_release_seconds'] for x in runs):.2f} s, CPU "
+                        f"{statistics.median(x['cpu_seconds'] for x in runs):.2f} s; peak anon "
+                        f"+{statistics.median(x['peak_anon_mb'] for x in runs):.0f} MB")
+
+            def paired(key):
+                # Each round's two loads ran back to back: their difference is free of the drift between rounds, and
+                # its mean over rounds of both orders free of what the first load of a pair does to the second
+                return statistics.mean(a[key] - b[key] for a, b in zip(ab["on"], ab["off"]))
+
+            on, off = ({key: statistics.median(x[key] for x in ab[m]) for key in ("seconds", "with_release_seconds")}
+                       for m in ("on", "off"))
+            print(f"{case} rank {r}, releases on: {figures('on')}; off: {figures('off')}; on / off: load "
+                  f"{on['seconds'] / off['seconds']:.3f}, with the model's release "
+                  f"{on['with_release_seconds'] / off['with_release_seconds']:.3f} ({len(ab['on'])} rounds, "
+                  f"interleaved); mean difference on - off in a round: load {paired('seconds'):+.3f} s, "
+                  f"with the model's release {paired('with_release_seconds'):+.3f} s")
+
+
 def driver(args) -> int:
     model_config = SIZES[args.size]
     build_checkpoints(model_config)
@@ -633,12 +700,14 @@ def driver(args) -> int:
         return CASES[case][0], NPROC, env
 
     started = time.monotonic()
-    results, failures = launch_cases(Path(__file__), args, options, ["--runs", str(args.runs), "--size", args.size])
+    rank_args = ["--runs", str(args.runs), "--size", args.size, "--ab-releases", str(args.ab_releases)]
+    results, failures = launch_cases(Path(__file__), args, options, rank_args)
     if not results:
         return 1
     summary = summarize(results)
     print()
     print_table(summary)
+    print_release_comparison(results)
     environment = {
         "transformers": transformers.__version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
         "python": sys.version.split()[0], "cpus": os.cpu_count(), "kernel": os.uname().release,
@@ -666,6 +735,8 @@ def main() -> int:
     def add_size(parser):
         parser.add_argument("--size", choices=list(SIZES), default="small",
                             help="small: 461 MB (default); large: 2.6 GB, 5.5 x larger")
+        parser.add_argument("--ab-releases", type=int, default=0, metavar="ROUNDS",
+                            help="then ROUNDS pairs of warm loads with the memory releases on and off, interleaved")
 
     args = parse_args(
         __doc__, "load_ep_zero3", list(CASES), "warm loads measured after the warm-up load", 150, add_size
