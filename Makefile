@@ -19,7 +19,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
 	@echo "make demo      set up and run the 2-rank CPU EP + ZeRO-3 demo"
-	@echo "make test-multinode  the multi-node tests: 2 virtual nodes (network namespaces, own disks; root), 3 launchers"
+	@echo "make test-multinode  the multi-node tests: 2 virtual nodes (network namespaces, own disks; root), 3 launchers;"
+	@echo "                     and the 4-rank chain of topology changes"
 	@echo "make test-upstream  upstream's test mixins on pristine and on the fork: fail on a test only pristine passes"
 	@echo "make install   create $(VENV): torch==2.13.0, deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
 	@echo "make assemble  src/transformers = pristine release + patches/series (FORCE=1 drops unrefreshed edits)"
@@ -93,7 +94,7 @@ test-fast: install
 # launcher, and the network faults (`make test` runs two of the five). About 4 min here.
 test-multinode: install
 	$(PATCHQ) assemble --quiet
-	EPFORK_MULTINODE_FULL=1 $(PY) -m pytest tests -m multinode $(PYTEST_ARGS)
+	EPFORK_MULTINODE_FULL=1 $(PY) -m pytest tests -m "multinode or topology" $(PYTEST_ARGS)
 
 # Upstream's own tests as a regression gate (utils/upstream_tests.py): the mixins of the pinned sdist, extracted into
 # build/upstream-tests/, run through the project's model testers (tests/upstream/) for the MoE families on the pristine

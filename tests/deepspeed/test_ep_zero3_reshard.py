@@ -10,8 +10,11 @@ with (the resharding is exact). A hop whose moments are zeroed after the load la
 control), and DeepSpeed's own `engine.load_checkpoint` refuses the other topologies on every rank.
 
 EP size 1 is a model loaded without a `DistributedConfig`: plain ZeRO-3, every parameter partitioned over all ranks.
+
+`make test` runs the 2-rank chains; `make test-multinode` (EPFORK_MULTINODE_FULL=1) also the 4-rank one (80 s here).
 """
 
+import os
 import shutil
 import tempfile
 import unittest
@@ -33,6 +36,7 @@ LR = 1e-2
 CLIP = 1.0  # DeepSpeed's default gradient clipping, which the ranks train with
 SEQ_LEN = 12
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+FULL = os.environ.get("EPFORK_MULTINODE_FULL") == "1"
 
 
 def global_batch(step: int, vocab_size: int) -> torch.Tensor:
@@ -165,7 +169,8 @@ class EPZero3ReshardTest(unittest.TestCase):
         for rank, report in refused.items():
             self.assertRegex(report.get("resume_error", ""), "same parameter placement topology", f"rank {rank}")
 
-    @pytest.mark.slow
+    @pytest.mark.topology
+    @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
     def test_2_to_4_ranks_then_ep2_to_ep4_then_back_to_2_ranks(self):
         """2 ranks EP 2 -> 4 ranks EP 2 (EP x expert-data-parallel 2) -> 4 ranks EP 4 -> 2 ranks EP 2 (fewer ranks,
         smaller EP). The EP 2 -> EP 4 hop resumes with DeepSpeed's own `engine.load_checkpoint`, which reshards once
