@@ -33,6 +33,7 @@ moments, the optimizer step, hyperparameters, learning-rate scheduler and the en
 at a time, from memory-mapped files: a rank holds at most one whole parameter's tensors beyond its own state.
 """
 
+import contextlib
 import glob
 import os
 import re
@@ -441,15 +442,30 @@ def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load
             logger.info(f"{checkpoint_path} was saved on another topology: resharding it for this one.")
             load_checkpoint_on_new_topology(engine, checkpoint_path)
             return
-        if not os.path.isfile(os.path.join(checkpoint_path, "latest")):
+        # The same topology: DeepSpeed's loader, without the check again (`_reshard_expert_parallel_checkpoints_too`)
+        with _topology_checked(engine):
+            if os.path.isfile(os.path.join(checkpoint_path, "latest")):
+                deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)
+                return
             load_path, _ = engine.load_checkpoint(
                 checkpoint_path, tag=os.path.basename(checkpoint_dir), load_module_strict=load_module_strict,
                 load_optimizer_states=True, load_lr_scheduler_states=True,
             )
-            if load_path is None:
-                raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint_path}")
-            return
+        if load_path is None:
+            raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint_path}")
+        return
     deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)
+
+
+@contextlib.contextmanager
+def _topology_checked(engine):
+    """While the caller loads a checkpoint it found to be of this topology: the `load_checkpoint` wrap does not read
+    and agree on it a second time."""
+    engine._expert_parallel_topology_checked = True
+    try:
+        yield
+    finally:
+        engine._expert_parallel_topology_checked = False
 
 
 def _reshard_expert_parallel_checkpoints_too(engine_class):
@@ -479,7 +495,10 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
                         load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                         custom_load_fn=custom_load_fn)
 
-        if load_module_only or custom_load_fn is not None or not _expert_parallel_models_in(engine.module):
+        if (
+            load_module_only or custom_load_fn is not None or getattr(engine, "_expert_parallel_topology_checked", False)
+            or not _expert_parallel_models_in(engine.module)
+        ):
             return deepspeeds_own()
         try:
             checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
