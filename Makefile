@@ -91,7 +91,8 @@ test-fast: install
 
 # The multi-node tests alone (tests/deepspeed/test_ep_zero3_multinode.py: 2 virtual nodes, each in its own network
 # namespace with its own disk; needs root): load, train, save, resume under torchrun, accelerate and DeepSpeed's
-# launcher, and the network faults (`make test` runs two of the five). About 4 min here.
+# launcher, and the network faults (`make test` runs two of the five); and the 4-rank chain of topology changes
+# (tests/deepspeed/test_ep_zero3_reshard.py, marker `topology`). About 5 min here.
 test-multinode: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_MULTINODE_FULL=1 $(PY) -m pytest tests -m "multinode or topology" $(PYTEST_ARGS)
