@@ -536,6 +536,15 @@ def rows_of_largest_partition(rows: int, numel: int, world_size: int) -> int:
     return max(spans, default=0)
 
 
+def conversion_working_numel(conversion: ExpertLoadConversion, rows: int, numel: int, world_size: int) -> int:
+    """
+    Elements one rank's shard-on-read conversion of a `rows` x (numel / rows) expert parameter holds at its peak: its
+    copies x the rows it converts (those the rank's partition spans when it `converts_by_rows`, else all) x a row.
+    """
+    converted_rows = rows_of_largest_partition(rows, numel, world_size) if conversion.by_rows else rows
+    return conversion.copies * converted_rows * (numel // rows)
+
+
 def zero3_load_peak_bytes(model, world_size: int, ep_size: int = 1) -> dict[str, int]:
     """
     The host memory one rank's `from_pretrained` under DeepSpeed ZeRO-3 adds at its peak, as the load path keeps it
@@ -568,8 +577,6 @@ def zero3_load_peak_bytes(model, world_size: int, ep_size: int = 1) -> dict[str,
         else:
             share += -(-numel // world_size) * itemsize
             if name in conversions:
-                copies, by_rows = conversions[name]
-                rows = param.shape[0]
-                converted_rows = rows_of_largest_partition(rows, numel, world_size) if by_rows else rows
-                working_set = max(working_set, copies * converted_rows * (numel // rows) * itemsize)
+                converted = conversion_working_numel(conversions[name], param.shape[0], numel, world_size)
+                working_set = max(working_set, converted * itemsize)
     return {"share": share, "working_set": working_set, "peak": share + working_set}

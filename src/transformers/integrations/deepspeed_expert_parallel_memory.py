@@ -136,11 +136,9 @@ class ParameterInfo:
     is_expert: bool  # expert parallel: E/P experts per rank, partitioned over the expert-data-parallel group
     holds_experts: bool  # placed by the EP plan's expert styles (with or without EP)
     layer: str | None  # the decoder layer it belongs to, for the per-layer working sets
-    # The loader's conversion without EP (`expert_load_conversions`): tensors of the converted size it holds at once
-    # (0: loaded as stored), and how many of the parameter's rows (experts) it converts for one rank
-    load_copies: int = 0
-    load_rows: int = 0
-    rows: int = 1  # dim 0 (experts) in full
+    # Elements the loader's conversion of it holds at its peak on one rank without EP (`conversion_working_numel`;
+    # 0: loaded as stored)
+    load_working_numel: int = 0
 
 
 def _dtype(name: str):
@@ -190,7 +188,7 @@ def _layer_of(name: str) -> str | None:
 def model_parameters(model, ep_size: int, world_size: int = 1) -> list[ParameterInfo]:
     """Every parameter with the elements a rank holds before ZeRO-3 partitions it (experts: E/P of them)."""
     from ..distributed.parallel_utils import _get_parameter_plan
-    from .deepspeed_expert_parallel import _EXPERT_PARALLEL_STYLES, expert_load_conversions, rows_of_largest_partition
+    from .deepspeed_expert_parallel import _EXPERT_PARALLEL_STYLES, conversion_working_numel, expert_load_conversions
 
     plan = model.ep_plan
     if ep_size > 1 and not plan:
@@ -204,11 +202,12 @@ def model_parameters(model, ep_size: int, world_size: int = 1) -> list[Parameter
         if is_expert and param.shape[0] % ep_size:
             raise ValueError(f"Cannot evenly shard {param.shape[0]} experts of `{name}` across {ep_size} EP ranks")
         numel = param.numel() // ep_size if is_expert else param.numel()
-        rows = param.shape[0] if param.dim() else 1
-        copies, by_rows = conversions.get(name, (0, False))
-        load_rows = rows_of_largest_partition(rows, param.numel(), world_size) if by_rows else rows
+        working = (
+            conversion_working_numel(conversions[name], param.shape[0], param.numel(), world_size)
+            if name in conversions else 0
+        )
         infos.append(ParameterInfo(name, name.rpartition(".")[0], numel, is_expert, holds_experts, _layer_of(name),
-                                   copies, load_rows, rows))
+                                   working))
     return infos
 
 
@@ -370,16 +369,16 @@ def load_working_set(infos: list[ParameterInfo], world_size: int, ep_size: int, 
     model). With EP the rank holds its whole dense weights and its E/P experts until `deepspeed.initialize` partitions
     them, and the working set is its largest expert parameter (one layer's fused `gate_up_proj`: the gate and up stacks
     exist until they are concatenated into it). Without EP (shard-on-read) it holds its ZeRO-3 partitions, and the
-    working set is the largest conversion: `load_copies` x the rows (experts) it converts for the rank (those its
-    partition spans) x a row (a fused `gate_up_proj`: its two stacks and the concatenated tensor, out of which the
-    partition is copied), 0 when nothing is converted.
+    working set is the largest conversion: `load_working_numel`, its copies x the rows (experts) it converts for the
+    rank (those its partition spans) x a row (a fused `gate_up_proj`: its two stacks and the concatenated tensor, out
+    of which the partition is copied), 0 when nothing is converted.
     """
     if ep_size > 1:
         share = sum(info.numel for info in infos)
         working = max((info.numel for info in infos if info.is_expert), default=0)
     else:
         share = sum(partition_numel(info, world_size, 1) for info in infos)
-        working = max((info.load_copies * info.load_rows * (info.numel // info.rows) for info in infos), default=0)
+        working = max((info.load_working_numel for info in infos), default=0)
     return share * element_size, working * element_size
 
 

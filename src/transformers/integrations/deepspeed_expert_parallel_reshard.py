@@ -495,8 +495,9 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
                         load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                         custom_load_fn=custom_load_fn)
 
+        checked_by_caller = getattr(engine, "_expert_parallel_topology_checked", False)
         if (
-            load_module_only or custom_load_fn is not None or getattr(engine, "_expert_parallel_topology_checked", False)
+            load_module_only or custom_load_fn is not None or checked_by_caller
             or not _expert_parallel_models_in(engine.module)
         ):
             return deepspeeds_own()
