@@ -2,8 +2,9 @@
 
 Each case runs through the real launcher (`accelerate launch` with docs/configs' ZeRO-3 config, or torchrun for the
 plain DeepSpeed entry point) on 2 CPU ranks and must show: every rank fails (the job exits non-zero), the message that
-says what to change is in every rank's output, the job ends within the case's bound (seconds: a rank waiting forever in
-a collective would hit it), and no process of the job is left running.
+says what to change is in every rank's output, the job ends within seconds of the first rank's failure (counted from
+that failure, not from the launch, whose start-up a loaded machine stretches), and no process of the job is left
+running.
 
 A rank that dies (SIGKILL, as the out-of-memory killer or a lost node would) is noticed by the launcher's agent, which
 ends the other ranks: they are stopped, not left waiting in the collective the dead rank never joins.
@@ -27,13 +28,14 @@ from tests.fork_utils.tiny_models import make_checkpoint
 LOAD = Path(__file__).parent / "scripts" / "ep_load.py"
 TRAIN = Path(__file__).parent / "scripts" / "ep_train.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
-# Bounds (seconds) for the job to end, per kind of case: each fails in 14-22 s here (most of it imports and start-up),
-# bounded with room for a loaded CI machine. A hang would run into the launch timeout instead.
-REFUSED_WITHIN = 60  # unsupported settings: raised before any weight is read
-BROKEN_CHECKPOINT_WITHIN = 60  # broken checkpoints: raised while loading
-RANK_DIES_LOADING_WITHIN = 60  # the launcher's agent notices the dead rank within seconds and stops the others
-RANK_DIES_TRAINING_WITHIN = 90  # the same after loading and `deepspeed.initialize`
-LAUNCH_TIMEOUT = 120
+# How long (seconds) the job may go on after its first rank failed (wrote its traceback, or was SIGKILLed). Here a
+# raising rank lingers the launcher's failure grace (8 s, for its peers to reach their own error), then the launcher's
+# agent ends the job: 9-10 s after an error, 1-2 s after a SIGKILL, with or without a busy neighbour. Start-up is not
+# what this bounds: imports and the first launch's cold caches took 14-22 s on a quiet machine and over 60 s on a
+# loaded CI machine. A rank that never gets to its error is caught by `assert_every_rank_raised`; a job that hangs
+# before any rank fails, by the launch timeout.
+ENDS_AFTER_FAULT_WITHIN = 30
+LAUNCH_TIMEOUT = 180  # start-up on a loaded machine, the fault, and the bound above
 # What gloo raises on a rank whose peer process is gone (reading from it, or writing to it)
 GLOO_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -193,10 +195,13 @@ class EPZero3FaultTest(unittest.TestCase):
         return launch(LOAD, args, nproc=2, launcher="accelerate", timeout=LAUNCH_TIMEOUT,
                       accelerate_config=deepspeed_config_with_stage(zero_stage, self.tmp), **kwargs)
 
-    def assert_whole_job_failed_fast(self, result, bound):
+    def assert_whole_job_failed_fast(self, result):
         self.assertFalse(result.timed_out, f"the job hung:\n{result.report()}")
         self.assertNotEqual(result.returncode, 0, f"the job succeeded:\n{result.report()}")
-        self.assertLess(result.elapsed, bound, f"the job took {result.elapsed:.0f} s to fail:\n{result.report()}")
+        after_fault = result.seconds_from_first_fault_to_end
+        self.assertIsNotNone(after_fault, f"no rank recorded its failure:\n{result.report()}")
+        self.assertLess(after_fault, ENDS_AFTER_FAULT_WITHIN,
+                        f"the job went on {after_fault:.0f} s after a rank failed:\n{result.report()}")
         self.assertEqual(result.stragglers, [], "processes of the job were left running")
         self.assertEqual(result.leftover_pids, [])
 
@@ -210,13 +215,13 @@ class EPZero3FaultTest(unittest.TestCase):
     @parameterized.expand(CONFIG_CASES)
     def test_unsupported_setting_raises_on_every_rank(self, _name, checkpoint, zero_stage, extra, message):
         result = self.load(checkpoint, *extra, zero_stage=zero_stage)
-        self.assert_whole_job_failed_fast(result, REFUSED_WITHIN)
+        self.assert_whole_job_failed_fast(result)
         self.assert_every_rank_raised(result, message)
 
     @parameterized.expand(BROKEN_CHECKPOINT_CASES)
     def test_broken_checkpoint_raises_on_every_rank(self, _name, checkpoint, message):
         result = self.load(checkpoint, "--ep-size", "2")
-        self.assert_whole_job_failed_fast(result, BROKEN_CHECKPOINT_WITHIN)
+        self.assert_whole_job_failed_fast(result)
         self.assert_every_rank_raised(result, message)
 
     @parameterized.expand(REPORTED_KEY_CASES)
@@ -228,7 +233,7 @@ class EPZero3FaultTest(unittest.TestCase):
 
     def test_rank_dying_while_loading_ends_the_job(self):
         result = self.load("qwen3_moe", "--ep-size", "2", "--die-while-loading")
-        self.assert_whole_job_failed_fast(result, RANK_DIES_LOADING_WITHIN)
+        self.assert_whole_job_failed_fast(result)
         self.assertIn("Signal 9 (SIGKILL) received by PID", result.output)
         # Rank 0 is stopped by the launcher, or first sees its peer gone in the collective after loading (gloo's
         # wording depends on when the socket died)
@@ -239,5 +244,5 @@ class EPZero3FaultTest(unittest.TestCase):
         args = ["--checkpoint", self.checkpoints["qwen3_moe"], "--entry", "deepspeed", "--ep-size", 2, "--steps", 3,
                 "--die-at-step", 1]
         result = launch(TRAIN, args, nproc=2, timeout=LAUNCH_TIMEOUT)
-        self.assert_whole_job_failed_fast(result, RANK_DIES_TRAINING_WITHIN)
+        self.assert_whole_job_failed_fast(result)
         self.assertIn("Signal 9 (SIGKILL) received by PID", result.output)

@@ -332,6 +332,7 @@ def launch_on_nodes(
         elapsed=elapsed,
         timeout=timeout,
         output=output,
+        ended_at=end.ended_at,
         leftover_pids=end.leftover,
         stragglers=end.stragglers,
         node_returncodes=codes,

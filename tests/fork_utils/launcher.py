@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .worker import BACKEND_ENV, FAILURE_GRACE_ENV, RESULTS_ENV
+from .worker import BACKEND_ENV, FAILURE_GRACE_ENV, FAULT_SUFFIX, RESULTS_ENV
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +61,8 @@ class RankOutcome:
     result: object = None
     error: str | None = None
     log: str = ""
+    # time.time() when the rank failed: it wrote its traceback, or marked a fault injected on purpose (a SIGKILL)
+    fault_at: float | None = None
 
     def log_tail(self, lines: int = 25) -> str:
         return "\n".join(self.log.splitlines()[-lines:])
@@ -75,6 +77,8 @@ class LaunchResult:
     elapsed: float
     timeout: float
     output: str
+    # time.time() when the launcher exited (or the timeout struck)
+    ended_at: float = 0.0
     ranks: dict[int, RankOutcome] = field(default_factory=dict)
     leftover_pids: list[int] = field(default_factory=list)
     # Processes of the job still running a few seconds after the launcher exited on its own (then killed).
@@ -87,6 +91,9 @@ class LaunchResult:
     def report(self, tail: int = 25) -> str:
         state = f"TIMED OUT after {self.timeout:.0f} s" if self.timed_out else f"exit code {self.returncode}"
         lines = [f"launch of {' '.join(self.command[-3:])}: {state} in {self.elapsed:.1f} s"]
+        if (after_fault := self.seconds_from_first_fault_to_end) is not None:
+            lines[0] += f", {after_fault:.1f} s of them after the first rank failed"
+
         for rank, outcome in sorted(self.ranks.items()):
             if outcome.error:
                 lines.append(f"--- rank {rank} raised:\n{outcome.error.strip()}")
@@ -96,6 +103,13 @@ class LaunchResult:
             lines.append("--- no rank started; launcher output tail:")
         lines.append("--- launcher output tail:\n" + "\n".join(self.output.splitlines()[-tail:]))
         return "\n".join(lines)
+
+    @property
+    def seconds_from_first_fault_to_end(self) -> float | None:
+        """How long the job went on after its first rank failed: what a fault must keep short (a rank left waiting in a
+        collective makes it long), unlike `elapsed`, which also counts start-up and imports on a busy machine."""
+        faults = [outcome.fault_at for outcome in self.ranks.values() if outcome.fault_at is not None]
+        return self.ended_at - min(faults) if faults else None
 
     def check(self) -> LaunchResult:
         """Raise with every rank's error or log tail unless the job succeeded on every rank."""
@@ -215,6 +229,8 @@ class JobEnd:
     leftover: list[int]
     # What `during` returned
     during_result: object = None
+    # time.time() at `finished_at`, to compare with the moments ranks record (their fault files)
+    ended_at: float = 0.0
 
 
 def wait_for_job(tag: str, processes: list[subprocess.Popen], deadline: float, during=None) -> JobEnd:
@@ -243,7 +259,8 @@ def wait_for_job(tag: str, processes: list[subprocess.Popen], deadline: float, d
             except ProcessLookupError:
                 pass
             proc.wait()
-    return JobEnd(timed_out, finished_at, stragglers, leftover, during_result)
+    ended_at = time.time() - (time.monotonic() - finished_at)
+    return JobEnd(timed_out, finished_at, stragglers, leftover, during_result, ended_at)
 
 
 def launch(
@@ -285,11 +302,16 @@ def launch(
         elapsed=elapsed,
         timeout=timeout,
         output=output_path.read_text(encoding="utf-8", errors="replace"),
+        ended_at=end.ended_at,
         leftover_pids=leftover,
         stragglers=stragglers,
     )
     outcome.ranks = _collect_ranks(results)
     return outcome
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
 
 
 def _collect_ranks(results: Path) -> dict[int, RankOutcome]:
@@ -305,6 +327,9 @@ def _collect_ranks(results: Path) -> dict[int, RankOutcome]:
             outcome.log = path.read_text(encoding="utf-8", errors="replace")
         elif path.name.endswith(".error"):
             outcome.error = path.read_text(encoding="utf-8", errors="replace")
+            outcome.fault_at = _earliest(outcome.fault_at, path.stat().st_mtime)
+        elif path.name.endswith(FAULT_SUFFIX):
+            outcome.fault_at = _earliest(outcome.fault_at, float(path.read_text(encoding="utf-8")))
         elif path.name.endswith(".pt"):
             # On CPU whatever device the rank ran on (NCCL runs), to compare with references computed here
             outcome.result = torch.load(path, weights_only=False, map_location="cpu")

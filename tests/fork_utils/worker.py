@@ -26,6 +26,8 @@ from pathlib import Path
 RESULTS_ENV = "EPFORK_RESULTS_DIR"
 FAILURE_GRACE_ENV = "EPFORK_FAILURE_GRACE_S"
 BACKEND_ENV = "EPFORK_DIST_BACKEND"
+# `<results>/rank<r><FAULT_SUFFIX>` holds the time.time() at which a test made the rank fail without a traceback
+FAULT_SUFFIX = ".fault"
 # Collective timeout in seconds for the default process group (torch's own default otherwise: 30 min on gloo)
 PG_TIMEOUT_ENV = "EPFORK_PG_TIMEOUT_S"
 
@@ -103,6 +105,14 @@ def start_accelerator():
     return Accelerator(
         kwargs_handlers=[InitProcessGroupKwargs(backend=backend(), **({"timeout": timeout} if timeout else {}))]
     )
+
+
+def mark_fault() -> None:
+    """Record that this rank fails now on purpose (a test about to SIGKILL it): the launcher measures from here how
+    long the job goes on after a fault, as it does from the traceback of a rank that raised."""
+    directory = results_dir()
+    if directory is not None:
+        (directory / f"rank{rank()}{FAULT_SUFFIX}").write_text(repr(time.time()), encoding="utf-8")
 
 
 def save_result(value) -> None:

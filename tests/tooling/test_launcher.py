@@ -104,6 +104,9 @@ class LauncherTest(unittest.TestCase):
         self.assertIn("raise ValueError", result.ranks[1].error)
         self.assertIn("ValueError: boom on rank 1", result.report())
         self.assertEqual(_tagged_pids(result.tag), [])
+        # Counted from rank 1's traceback: its failure grace (8 s, for peers to reach their own error), then the end
+        self.assertGreater(result.seconds_from_first_fault_to_end, 7.5)
+        self.assertLess(result.seconds_from_first_fault_to_end, 30)
 
     def test_results_come_back_per_rank(self):
         script = _write(
@@ -121,7 +124,9 @@ class LauncherTest(unittest.TestCase):
             run_rank(main)
             """,
         )
-        results = launch(script, nproc=2, timeout=60).check().results()
+        result = launch(script, nproc=2, timeout=60).check()
+        self.assertIsNone(result.seconds_from_first_fault_to_end)
+        results = result.results()
         self.assertEqual(sorted(results), [0, 1])
         for rank, value in results.items():
             self.assertEqual(value["rank"], rank)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tests.fork_utils.worker import init_process_group, rank, run_rank
+from tests.fork_utils.worker import init_process_group, mark_fault, rank, run_rank
 
 
 def parse_args():
@@ -72,6 +72,7 @@ def kill_rank1_when_it_opens_a_checkpoint_file():
     real_safe_open = transformers.modeling_utils.safe_open
 
     def safe_open(*args, **kwargs):
+        mark_fault()
         os.kill(os.getpid(), signal.SIGKILL)
         return real_safe_open(*args, **kwargs)
 

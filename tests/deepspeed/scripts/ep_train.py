@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tests.fork_utils.worker import (
     backend,
     init_process_group,
+    mark_fault,
     process_group_timeout,
     rank,
     results_dir,
@@ -218,6 +219,7 @@ def train_deepspeed(args, model, data, record):
     record["initial"] = gathered_state(engine.module)
     for step in range(args.steps):
         if step == args.die_at_step and rank() == 1:
+            mark_fault()
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.marker_at_step and rank() == 0:
             (results_dir() / f"step{step}").touch()
