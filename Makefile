@@ -5,7 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-CONSTRAINTS := -c requirements/constraints.txt
+# The torch every install path pins (an unpinned torch resolves to a multi-GB CUDA build). CI and `make test` use the
+# CPU wheel; `make test-torch-next` builds a second environment on the newest torch installable here.
+TORCH ?= 2.13.0
+TORCH_NEXT ?= 2.14.1
+# requirements/constraints.txt with its torch line set to $(TORCH), written into the environment it constrains
+VENV_CONSTRAINTS := $(VENV)/constraints.txt
+CONSTRAINTS := -c $(VENV_CONSTRAINTS)
 PATCHQ := $(PYTHON) utils/patchq.py
 PYTEST_ARGS ?=
 
@@ -13,6 +19,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo \
+	test-torch-next upstream-status \
 	bench-load bench-load-dense bench-save bench-train sweep-families plan-memory check-memory-plan bench-expert-load \
 	test-expert-load clean
 
@@ -22,7 +29,9 @@ help:
 	@echo "make test-multinode  the multi-node tests: 2 virtual nodes (network namespaces, own disks; root), 3 launchers;"
 	@echo "                     and the 4-rank chain of topology changes"
 	@echo "make test-upstream  upstream's test mixins on pristine and on the fork: fail on a test only pristine passes"
-	@echo "make install   create $(VENV): torch==2.13.0, deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
+	@echo "make install   create $(VENV): torch==$(TORCH), deepspeed 0.19.8, accelerate, test tools, this fork (-e)"
+	@echo "make test-torch-next  the suite in a second environment on torch $(TORCH_NEXT) (PYTEST_ARGS=...); CI stays on $(TORCH)"
+	@echo "make upstream-status  newest transformers / accelerate / DeepSpeed / torch vs the pins; dry-run rebase onto a newer transformers"
 	@echo "make assemble  src/transformers = pristine release + patches/series (FORCE=1 drops unrefreshed edits)"
 	@echo "make check     the series applies exactly, headers are complete, no patch adds a file, no edit is left outside patches/"
 	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
@@ -47,7 +56,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml upstream.toml requirements/constraints.txt requirements/dev.txt \
 		requirements/ecosystem.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(CONSTRAINTS) torch==2.13.0
+	sed 's/^torch==.*/torch==$(TORCH)/' requirements/constraints.txt > $(VENV_CONSTRAINTS)
+	$(PIP) install $(CONSTRAINTS) torch==$(TORCH)
 	$(PIP) install $(CONSTRAINTS) -r requirements/dev.txt
 	$(PIP) install $(CONSTRAINTS) --no-build-isolation deepspeed==0.19.8
 	$(PIP) install $(CONSTRAINTS) -e .
@@ -83,6 +93,17 @@ test: install
 demo: install
 	$(PATCHQ) assemble --quiet
 	$(PY) examples/ep_deepspeed/run_demo.py
+
+# The suite on the newest torch installable here ($(TORCH_NEXT): a CUDA build, about 4 GB with the CUDA libraries it
+# pulls, which run on CPU here) in its own environment and JIT-extension cache; CI stays on the $(TORCH) CPU wheel.
+test-torch-next:
+	$(MAKE) test VENV=.venv-torch-$(TORCH_NEXT) TORCH=$(TORCH_NEXT) \
+		TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions-$(TORCH_NEXT) PYTEST_ARGS="$(PYTEST_ARGS)"
+
+# Newest transformers / accelerate / DeepSpeed / torch on the registry against the pins, and a dry-run rebase onto a
+# newer transformers (utils/upstream_status.py; exit 0 whatever the answer, 2 when the registry cannot be asked).
+upstream-status:
+	$(PYTHON) utils/upstream_status.py $(STATUS_ARGS)
 
 # The quick loop while developing: no multi-process or slow tests.
 test-fast: install
