@@ -126,6 +126,21 @@ SWEEP_CONFIGS = {
                                                  moe_topk=2, zero_expert_num=2, kv_lora_rank=16, q_lora_rank=32,
                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                                  num_key_value_heads=4, head_dim=8)),
+    # --- families of earlier releases with an EP plan, not swept before
+    "sarvam_mla": ("SarvamMLAConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                           kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                           v_head_dim=16, num_key_value_heads=4)),
+    "sarvam_moe": ("SarvamMoEConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                                   shared_intermediate_size=32, sliding_window=8)),
+    "mellum": ("MellumConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8)),
+    "kolibri1": ("Kolibri1Config", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                        num_experts_per_tok=2, sliding_window=8)),
+    "hy_v3": ("HYV3Config", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 num_shared_experts=1)),
 }
 
 
