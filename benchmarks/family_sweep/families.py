@@ -141,6 +141,22 @@ SWEEP_CONFIGS = {
                                         num_experts_per_tok=2, sliding_window=8)),
     "hy_v3": ("HYV3Config", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                  num_shared_experts=1)),
+    "flint": ("FlintConfig", dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                  num_experts=4, num_experts_per_tok=2, sliding_window=8, mlp_only_layers=[0])),
+    "beam": ("BeamConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                sliding_window=8, n_group=1, topk_group=1,
+                                mlp_layer_types=["dense", "sparse"])),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                                num_experts_per_tok=2, v_head_dim=16, sliding_window=8)),
+    "lara_mini": ("LaraMiniConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                                         linear_key_head_dim=16, linear_value_head_dim=16, sliding_window=8)),
+    # ZAYA routes each token to one expert only (its config refuses num_experts_per_tok > 1)
+    "zaya": ("ZayaConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1)),
+    "axk1": ("AXK1Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16,
+                                q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                num_key_value_heads=4, head_dim=8)),
 }
 
 
