@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import transformers
 
 from tests.fork_utils import tiny_models
@@ -107,10 +108,64 @@ SWEEP_CONFIGS = {
                                                 n_shared_experts=1, num_experts_per_tok=2, kv_lora_rank=16,
                                                 q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                                 v_head_dim=16, num_key_value_heads=4)),
+    # --- transformers 5.25.0: new families with an EP plan, and LongCat-Flash (its experts moved to an EP plan)
+    "ergo": ("ErgoConfig", dict(first_dense_intermediate_size=64, num_dense_blocks=1, moe_intermediate_size=32,
+                                shared_intermediate_size=32, num_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                global_attention_every_n_layers=2)),
+    "kolibri1_1": ("Kolibri1_1Config", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                            num_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                            layer_types=["sliding_attention", "sliding_attention"],
+                                            mlp_only_layers=[0], mlp_only_intermediate_size=64,
+                                            index_num_heads=2)),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                               n_shared_experts=1, num_experts_per_tok=2,
+                                               mlp_layer_types=["dense", "sparse"])),
+    "param2moe": ("Param2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                          n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)),
+    "longcat_flash": ("LongcatFlashConfig", dict(ffn_hidden_size=64, expert_ffn_hidden_size=32, n_routed_experts=4,
+                                                 moe_topk=2, zero_expert_num=2, kv_lora_rank=16, q_lora_rank=32,
+                                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                                 num_key_value_heads=4, head_dim=8)),
+    # --- families of earlier releases with an EP plan, not swept before
+    "sarvam_mla": ("SarvamMLAConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                           kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                           v_head_dim=16, num_key_value_heads=4)),
+    "sarvam_moe": ("SarvamMoEConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                           n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                                   shared_intermediate_size=32, sliding_window=8)),
+    "mellum": ("MellumConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8)),
+    "kolibri1": ("Kolibri1Config", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                        num_experts_per_tok=2, sliding_window=8)),
+    "hy_v3": ("HYV3Config", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 num_shared_experts=1)),
+    "flint": ("FlintConfig", dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                  num_experts=4, num_experts_per_tok=2, sliding_window=8, mlp_only_layers=[0])),
+    "beam": ("BeamConfig", dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                sliding_window=8, n_group=1, topk_group=1,
+                                mlp_layer_types=["dense", "sparse"])),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                                num_experts_per_tok=2, v_head_dim=16, sliding_window=8)),
+    "lara_mini": ("LaraMiniConfig", dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                         num_experts_per_tok=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                                         linear_key_head_dim=16, linear_value_head_dim=16, sliding_window=8)),
+    # ZAYA routes each token to one expert only (its config refuses num_experts_per_tok > 1)
+    "zaya": ("ZayaConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1)),
+    "axk1": ("AXK1Config", dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16,
+                                q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                num_key_value_heads=4, head_dim=8)),
 }
 
 
 FAMILIES = (*FROM_TEST_FIXTURES, *SWEEP_CONFIGS)
+
+# family -> suffixes of parameters that get seeded random values before the save: per-expert weights the family
+# initializes to a constant (Ergo's per-expert RMSNorm scales: ones), which would make any expert's slice equal
+# the expected one in the load check
+RANDOMIZE = {"ergo": ("mlp.experts.post_expert_norm.weight",)}
 
 
 def options(family: str) -> dict:
@@ -123,6 +178,18 @@ def tiny_config(family: str):
         return tiny_models.tiny_config(family, **SWEEP_SETTINGS)
     class_name, overrides = SWEEP_CONFIGS[family][:2]
     return getattr(transformers, class_name)(**dict(COMMON, **overrides))
+
+
+def randomize(family: str, model) -> list[str]:
+    """Give the parameters `RANDOMIZE` names for `family` seeded values around 1; returns their names."""
+    suffixes = RANDOMIZE.get(family, ())
+    names = [n for n, _ in model.named_parameters() if n.endswith(suffixes)] if suffixes else []
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in names:
+            param = model.get_parameter(name)
+            param.copy_(1 + 0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return names
 
 
 num_experts = tiny_models.num_experts

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.family_sweep.families import FAMILIES, num_experts, options, tiny_config
+from benchmarks.family_sweep.families import FAMILIES, num_experts, options, randomize, tiny_config
 from tests.deepspeed.test_ep_zero3_train import train_reference
 from tests.fork_utils.expert_state import max_diff
 from tests.fork_utils.launcher import CONFIG_DIR, launch
@@ -55,6 +55,7 @@ def run_family(family: str, tmp: Path) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out["model_class"] = type(model).__name__
+    out["randomized"] = randomize(family, model)
     checkpoint = tmp / "checkpoint"
     opts = options(family)
     out["options"] = opts
