@@ -32,11 +32,14 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
   (`check_expert_parallel_deepspeed_support`), quantized models (`check_expert_parallel_quantization_support`),
   adapters on expert weights (`_refuse_adapters_on_experts`), and a `Trainer` with DeepSpeed given an expert-parallel
   model that DeepSpeed does not own (`check_model_handed_over_to_deepspeed`).
+- Hub kernels: `kernelize` leaves the layers that run the sharded experts alone
+  (`expert_parallel_layers_left_alone_by_kernelize`), other layers are kernelized as usual.
 - Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
   exchange their errors (`errors_raised_on_every_rank`), so that none is left waiting in the next collective.
 """
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import re
@@ -465,6 +468,82 @@ def errors_raised_on_every_rank(action, enabled=True):
         error = e
     if enabled:
         _raise_on_every_rank_if_any_failed(error, action)
+
+
+def _expert_parallel_layers(model) -> dict[str, "nn.Module"]:
+    """
+    The modules of an expert-parallel model whose forward runs its sharded experts: the experts modules (those holding
+    the parameters laid out by `prepare_expert_parallel_model_for_deepspeed`) and every module above them (the sparse
+    MoE block that routes the tokens to them, the decoder layer, ...), whose forward would take their work over.
+    """
+    layout = getattr(model, "_expert_parallel_layout", None)
+    if layout is None:
+        layout = [name for name, _ in model.named_parameters() if _is_expert_parameter(name)]
+    layers = set()
+    for name in layout:
+        module_name = name.rpartition(".")[0]
+        while module_name:
+            layers.add(module_name)
+            module_name = module_name.rpartition(".")[0]
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in sorted(layers) if name in modules}
+
+
+def _unless_expert_parallel(layers, condition, module):
+    # The `kernel_condition` of a kernel layer class while `kernelize` runs on an expert-parallel model
+    return id(module) not in layers and (condition is None or condition(module))
+
+
+@contextlib.contextmanager
+def expert_parallel_layers_left_alone_by_kernelize(model):
+    """
+    Around `kernels.kernelize` (hub kernels, on by default since transformers 5.25, at load and at every `train()` /
+    `eval()`): the layers of a model with expert parallelism under DeepSpeed ZeRO-3 that run its experts
+    (`_expert_parallel_layers`) keep their forward. An expert kernel is written for all the experts of a layer on one
+    device and does its own routing, while here each rank holds only its experts, the tokens are dispatched to them
+    across the expert-parallel group by the forward that expert parallelism installed on the experts module, and
+    ZeRO-3 partitions their parameters within the expert-data-parallel group. A kernel's forward (or the original one,
+    which `kernelize` restores when no kernel fits) would replace that forward and compute silently with the wrong
+    experts. Other layers (norms, attention, ...) are kernelized as usual. A no-op for other models.
+    """
+    if not is_expert_parallel_under_zero3(model):
+        yield
+        return
+    layers = {
+        name: module
+        for name, module in _expert_parallel_layers(model).items()
+        if hasattr(type(module), "kernel_layer_name") or "_kernel_funcs" in module.__dict__
+    }
+    if not layers:
+        yield
+        return
+    kernel_layers = sorted(
+        {f"{type(m).__name__} ({getattr(type(m), 'kernel_layer_name', 'kernel functions')})" for m in layers.values()}
+    )
+    logger.warning_once(
+        f"Expert parallelism under DeepSpeed ZeRO-3: kernelize leaves {len(layers)} layers that run the sharded "
+        f"experts with their own forward: {', '.join(kernel_layers)}. A hub kernel for them would compute all the "
+        "experts on one device with its own routing, while each rank holds only its experts and the tokens are "
+        "dispatched to them across the expert-parallel group. Other layers are kernelized as usual."
+    )
+    ids = {id(module) for module in layers.values()}
+    classes = {type(module) for module in layers.values() if hasattr(type(module), "kernel_layer_name")}
+    conditions = {cls: cls.__dict__.get("kernel_condition") for cls in classes}
+    kernel_funcs = {name: module.__dict__.pop("_kernel_funcs") for name, module in layers.items()
+                    if "_kernel_funcs" in module.__dict__}
+    try:
+        for cls in classes:
+            condition = getattr(cls, "kernel_condition", None)
+            cls.kernel_condition = staticmethod(functools.partial(_unless_expert_parallel, ids, condition))
+        yield
+    finally:
+        for cls, condition in conditions.items():
+            if condition is None:
+                del cls.kernel_condition
+            else:
+                cls.kernel_condition = condition
+        for name, funcs in kernel_funcs.items():
+            layers[name].__dict__["_kernel_funcs"] = funcs
 
 
 def _is_expert_parameter(name: str) -> bool:
