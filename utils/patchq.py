@@ -592,8 +592,14 @@ def check(root: Path) -> list[str]:
         problems += _collisions(own, stage)
         if assembled:
             # Own modules are no edits of upstream files: git keeps them, and no patch may carry them.
-            for path in changed_files(stage, root, skip=own):
-                problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
+            differ = changed_files(stage, root, skip=own)
+            if differ and _assembled_from_elsewhere(root, pin, patches, own):
+                # After a switch between pins (or a pull of new patches) every file upstream or the patches changed
+                # differs; none is an edit, and `make refresh` would write the old release's code into the patches.
+                problems.append("src/transformers was assembled from another pin or series: run `make assemble`")
+            else:
+                for path in differ:
+                    problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
 
         # The review diff is the whole difference from pristine, the own modules included as new files.
         review = tree_diff(pristine, root) if assembled else ""
@@ -604,6 +610,15 @@ def check(root: Path) -> list[str]:
             if proc.returncode != 0:
                 problems.append(f"the review diff does not pass `git apply --check` on pristine:\n{proc.stderr}")
     return problems
+
+
+def _assembled_from_elsewhere(root: Path, pin: Pin, patches: list[PatchFile], own: frozenset[str]) -> bool:
+    """Whether src/transformers is an untouched assembly of another pin or series: the stamp's digest is not the
+    current one, and the files are those the stamp recorded (so nothing was edited since)."""
+    stamp = _read_stamp(root)
+    if stamp is None or stamp["series_digest"] == _series_digest(pin, patches):
+        return False
+    return _edited_since_assembly(root, stamp, own) == []
 
 
 def is_forwardable(patch: PatchFile) -> bool:
