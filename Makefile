@@ -36,7 +36,8 @@ help:
 	@echo "make check     the series applies exactly, headers are complete, no patch adds a file, no edit is left outside patches/"
 	@echo "make diff      the reviewable diff of src/transformers against the pristine release"
 	@echo "make refresh   write edits of src/transformers back into patches/ (PATCH=<name> or NEW=<NNNN-concern>)"
-	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release"
+	@echo "make rebase    VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]: move the series onto another release (three-way);"
+	@echo "               after resolving a conflict in build/rebase/repo: make rebase CONTINUE=1 (or ABORT=1)"
 	@echo "make pr-series the patches proposed upstream as a git format-patch series + PR.md in build/pr-series/"
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=\"--size large\")"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
@@ -77,9 +78,17 @@ diff:
 refresh:
 	$(PATCHQ) refresh $(if $(PATCH),--patch $(PATCH)) $(if $(NEW),--new $(NEW))
 
+# A three-way git rebase in build/rebase/ (README, "Moving to a new upstream release"). On a conflict it stops: resolve
+# the named file there, then CONTINUE=1; ABORT=1 drops the rebase, leaving patches/ and the pin as they were.
 rebase:
-	@test -n "$(VERSION)" -a -n "$(SHA256)" || { echo "usage: make rebase VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1]"; exit 2; }
+ifneq ($(CONTINUE),)
+	$(PATCHQ) rebase --continue
+else ifneq ($(ABORT),)
+	$(PATCHQ) rebase --abort
+else
+	@test -n "$(VERSION)" -a -n "$(SHA256)" || { echo "usage: make rebase VERSION=x.y.z SHA256=<sdist sha256> [DRY_RUN=1] | make rebase CONTINUE=1 | make rebase ABORT=1"; exit 2; }
 	$(PATCHQ) rebase $(VERSION) $(SHA256) $(if $(DRY_RUN),--dry-run)
+endif
 
 # The patches proposed upstream (`Forwardable: yes`) and the own modules they use, as a `git format-patch` series with a
 # PR description (build/pr-series/), checked with `git am` on the pristine release. AUTHOR="Name <email>" (default: git's).

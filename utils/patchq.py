@@ -17,7 +17,9 @@ Commands (the Makefile wraps each one):
               src/transformers has no edit that is not in a patch, and the review diff applies with `git apply --check`
     diff      print the review diff of src/transformers against pristine (paths relative to the upstream repo root)
     refresh   write the edits made in src/transformers back into the patches (one patch per concern)
-    rebase    move the series onto another release, reporting per patch: applied, applied with offset/fuzz, conflicts
+    rebase    move the series onto another release with a three-way git rebase in build/rebase/, reporting per patch:
+              applied, applied with offset, applied (merged three-way), or CONFLICT (once, with the upstream hunk it
+              met); a conflict stops it for a hand resolution: `rebase --continue`, or `rebase --abort`
     pr-series export the patches proposed upstream (`Forwardable: yes`) and the own modules they use as a
               `git format-patch` series with a PR description, checked with `git am` on the pristine release
     clean     remove the assembled files of src/transformers (the own modules stay)
@@ -219,15 +221,18 @@ def load_series(root: Path) -> list[PatchFile]:
 @dataclass
 class ApplyResult:
     patch: str
-    status: str  # "applied", "offset", "fuzz" or "conflict"
+    status: str  # "applied", "offset", "fuzz", "conflict"; a rebase also says "merged" (three-way) and "dropped"
     notes: list[str]
+    regenerated: PatchFile | None = field(default=None, repr=False)  # a rebase's patch as its rebased commit's diff
 
     def describe(self) -> str:
         label = {
             "applied": "applied",
             "offset": "applied with offset",
             "fuzz": "applied with fuzz",
+            "merged": "applied, merged three-way",
             "conflict": "CONFLICT",
+            "dropped": "DROPPED (empty on the new release; it leaves patches/series)",
         }[self.status]
         return f"{self.patch}: {label}" + "".join(f"\n    {note}" for note in self.notes)
 
@@ -587,8 +592,14 @@ def check(root: Path) -> list[str]:
         problems += _collisions(own, stage)
         if assembled:
             # Own modules are no edits of upstream files: git keeps them, and no patch may carry them.
-            for path in changed_files(stage, root, skip=own):
-                problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
+            differ = changed_files(stage, root, skip=own)
+            if differ and _assembled_from_elsewhere(root, pin, patches, own):
+                # After a switch between pins (or a pull of new patches) every file upstream or the patches changed
+                # differs; none is an edit, and `make refresh` would write the old release's code into the patches.
+                problems.append("src/transformers was assembled from another pin or series: run `make assemble`")
+            else:
+                for path in differ:
+                    problems.append(f"{path}: edited in src/transformers but not in patches/ (run `make refresh`)")
 
         # The review diff is the whole difference from pristine, the own modules included as new files.
         review = tree_diff(pristine, root) if assembled else ""
@@ -599,6 +610,15 @@ def check(root: Path) -> list[str]:
             if proc.returncode != 0:
                 problems.append(f"the review diff does not pass `git apply --check` on pristine:\n{proc.stderr}")
     return problems
+
+
+def _assembled_from_elsewhere(root: Path, pin: Pin, patches: list[PatchFile], own: frozenset[str]) -> bool:
+    """Whether src/transformers is an untouched assembly of another pin or series: the stamp's digest is not the
+    current one, and the files are those the stamp recorded (so nothing was edited since)."""
+    stamp = _read_stamp(root)
+    if stamp is None or stamp["series_digest"] == _series_digest(pin, patches):
+        return False
+    return _edited_since_assembly(root, stamp, own) == []
 
 
 def is_forwardable(patch: PatchFile) -> bool:
@@ -967,53 +987,561 @@ def _pr_description(root: Path, summary: dict, commits: list[PrCommit], patches:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# rebase
+# rebase: a three-way `git rebase` of the series in a scratch repository
+#
+# The scratch repository (build/rebase/repo, git-ignored) holds the package of the old pristine release as its base
+# commit, one commit per patch of the series on top (the commit message is the patch file's name), and the new pristine
+# release as a commit on top of the old one. `git rebase` (merge backend) replays the patch commits onto the new
+# release: a patch whose context upstream moved or changed merges three-way, and a patch that really conflicts stops
+# the rebase once; later patches are replayed onto its resolution, so they never fail because of it. Each patch is then
+# regenerated from its rebased commit's diff. The checkout's patches/ and upstream.toml change only in the last step.
+
+REBASE_DIR = Path("build") / "rebase"  # relative to the repo root: repo/ (the git repository), state.json, old/, new/
+_GIT_SETTINGS = (
+    "-c", "user.name=patchq", "-c", "user.email=patchq@localhost", "-c", "commit.gpgsign=false",
+    "-c", "rerere.enabled=false", "-c", f"core.hooksPath={os.devnull}", "-c", f"core.excludesFile={os.devnull}",
+    "-c", "core.autocrlf=false", "-c", "core.quotePath=false", "-c", "gc.auto=0", "-c", "merge.conflictStyle=diff3",
+    "-c", "init.defaultBranch=series", "-c", "advice.detachedHead=false",
+)
+_CONFLICT_MARKER = re.compile(r"^(<{7}|\|{7}|>{7})( |$)")
 
 
-def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> tuple[bool, list[ApplyResult]]:
-    """Re-apply the series on another release. On success (and not dry_run) move the pin and regenerate the patches."""
+def _git_env() -> dict[str, str]:
+    """An environment where git reads none of the user's configuration and no variable points it at another repo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", GIT_EDITOR="true", LC_ALL="C")
+    return env
+
+
+def _git(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["git", *_GIT_SETTINGS, *args], cwd=repo, capture_output=True, text=True,
+                          env={**_git_env(), **(env or {})})
+    if check and proc.returncode != 0:
+        raise PatchQueueError(f"`git {' '.join(args)}` failed in {repo}:\n{proc.stdout}{proc.stderr}".rstrip())
+    return proc
+
+
+@dataclass
+class RebaseReport:
+    results: list[ApplyResult]  # the patches rebased so far, in series order, conflicts included
+    waiting: list[str] = field(default_factory=list)  # patches not replayed yet (the rebase stopped before them)
+    stopped: bool = False  # a conflict waits for a hand resolution in the scratch repository
+    finished: bool = False  # the pin moved and the patches were regenerated
+    old: str = ""  # the versions moved from and onto
+    new: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.stopped and all(r.status != "conflict" for r in self.results)
+
+
+@dataclass
+class _Scratch:
+    """Where a rebase keeps its work: the git repository, the state, the old patches/ and the new one, staged."""
+
+    dir: Path
+
+    @property
+    def repo(self) -> Path:
+        return self.dir / "repo"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def old(self) -> Path:  # a copy of patches/ and upstream.toml as they were when the rebase started
+        return self.dir / "old"
+
+    @property
+    def new(self) -> Path:  # the regenerated patches/, staged before they replace the checkout's
+        return self.dir / "new"
+
+    def load(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def save(self, state: dict) -> None:
+        _atomic_write(self.state_path, json.dumps(state, indent=1))
+
+    def rebasing(self) -> bool:
+        """Whether git's rebase is under way (stopped at a conflict)."""
+        return (self.repo / ".git" / "rebase-merge").is_dir()
+
+
+def _in_progress_message(root: Path, scratch: _Scratch) -> str:
+    state = scratch.load()
+    what = f"a rebase from {state['old']['version']} onto {state['new']['version']}" if state else "a rebase"
+    return (
+        f"{what} is in progress or was interrupted ({scratch.dir.relative_to(root)} exists): "
+        "`make rebase CONTINUE=1` goes on with it, `make rebase ABORT=1` drops it"
+    )
+
+
+def rebase(root: Path, version: str, sha256: str, dry_run: bool = False) -> RebaseReport:
+    """Move the series onto another release with a three-way rebase; stop at a real conflict for a hand resolution.
+
+    With `dry_run`, conflicts are reported, then resolved with the patch's side only to carry on (so that no later patch
+    is reported for them), and nothing is kept. Rebasing onto the pinned release itself regenerates every patch exactly.
+    """
     old_pin = Pin.load(root)
+    scratch = _Scratch(root / REBASE_DIR)
+    if scratch.dir.exists() and not dry_run:
+        raise PatchQueueError(_in_progress_message(root, scratch))
     own = own_modules(root)
+    _refuse_unrefreshed(root, own)
+    new_pin = Pin(package=old_pin.package, version=version, sha256=sha256.lower())
+    patches = load_series(root)
+    old_pristine = fetch(root, old_pin)
+    new_pristine = fetch(root, new_pin)
+    # Found after the pin moved, a collision would stop the re-assembly half way; the own modules stay as they are.
+    collisions = _collisions(own, new_pristine)
+    if collisions:
+        raise PatchQueueError("\n".join(collisions) + f"\nNothing changed; the pin stays at {old_pin.version}.")
+
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="patchq-rebase-") as tmp:
+            scratch = _Scratch(Path(tmp))
+            state = _start(root, scratch, old_pin, new_pin, patches, old_pristine, new_pristine)
+            state["dry_run"] = True
+            while scratch.rebasing():
+                state["conflicts"].append(_stop_report(scratch, state, patches))
+                _take_patch_side(scratch, state["conflicts"][-1]["files"])
+                _continue_git(scratch)
+            return RebaseReport(_results(scratch, state, patches), old=old_pin.version, new=new_pin.version)
+
+    try:
+        state = _start(root, scratch, old_pin, new_pin, patches, old_pristine, new_pristine)
+    except BaseException:
+        # Interrupted while setting up (or setting up failed): leave nothing behind, the checkout was not touched.
+        shutil.rmtree(scratch.dir, ignore_errors=True)
+        raise
+    return _go_on(root, scratch, state, patches)
+
+
+def rebase_continue(root: Path) -> RebaseReport:
+    """Go on with a rebase stopped at a conflict, once the conflicting files are resolved in the scratch repository."""
+    scratch = _Scratch(root / REBASE_DIR)
+    state = scratch.load()
+    if not scratch.dir.exists():
+        raise PatchQueueError("no rebase is in progress (start one with `make rebase VERSION=... SHA256=...`)")
+    if state is None:
+        raise PatchQueueError("the last rebase was interrupted while it set up: `make rebase ABORT=1`, then start again")
+    patches = [PatchFile.read(scratch.old / "patches" / name) for name in state["series"]]
+    if state["phase"] == "writing":  # stopped (killed) while replacing patches/ and the pin: finish that step
+        return _finish(root, scratch, state, patches)
+    _refuse_changed_checkout(root, scratch)
+    if scratch.rebasing():
+        files = sorted(set(_unmerged(scratch.repo)) | set(state["conflicts"][-1]["files"] if state["conflicts"] else ()))
+        for path in files:
+            line = _marker_line(scratch.repo / path)
+            if line:
+                raise PatchQueueError(
+                    f"{scratch.repo.relative_to(root) / path} still has conflict markers (line {line}): resolve them, "
+                    "then `make rebase CONTINUE=1` again"
+                )
+        if files:
+            _git(scratch.repo, "add", "-A", "--", *files)
+        _continue_git(scratch)
+    return _go_on(root, scratch, state, patches)
+
+
+def rebase_abort(root: Path) -> str:
+    """Drop a rebase in progress; an interrupted final step is undone: patches/, the pin and the assembly as before."""
+    scratch = _Scratch(root / REBASE_DIR)
+    if not scratch.dir.exists():
+        raise PatchQueueError("no rebase is in progress")
+    state = scratch.load()
+    if state and state["phase"] == "writing":
+        _restore_checkout(root, scratch, state)
+        old_pin = Pin.load(root)
+        stamp = _read_stamp(root)
+        if stamp and stamp["series_digest"] != _series_digest(old_pin, load_series(root)):
+            assemble(root, force=True, quiet=True)
+    shutil.rmtree(scratch.dir)
+    return f"dropped the rebase; the pin stays at {state['old']['version'] if state else Pin.load(root).version}"
+
+
+def _refuse_unrefreshed(root: Path, own: frozenset[str]) -> None:
     if _is_assembled(root, own):
         edits = _edited_since_assembly(root, _read_stamp(root), own)
         if edits is None or edits:
             raise PatchQueueError("src/transformers has unrefreshed edits (or no assembly stamp): `make refresh` first")
-    new_pin = Pin(package=old_pin.package, version=version, sha256=sha256.lower())
-    patches = load_series(root)
-    pristine = fetch(root, new_pin)
-    # Found after the pin moved, a collision would stop the re-assembly half way; the own modules stay as they are.
-    collisions = _collisions(own, pristine)
-    if collisions:
-        raise PatchQueueError("\n".join(collisions) + f"\nNothing changed; the pin stays at {old_pin.version}.")
-    results = []
-    regenerated = []
-    with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp) / "stage"
-        _copy_package(pristine, stage)
-        for patch in patches:
-            before = Path(tmp) / f"before-{patch.name}"
-            for path in patch.sections:
-                if (stage / path).is_file():
-                    (before / path).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(stage / path, before / path)
-            # Fuzz is allowed here (GNU patch's default of 2) and reported: the regenerated patch drops it again.
-            result = apply_patch(stage, patch.name, patch.text(), fuzz=2)
-            results.append(result)
-            sections = {}
-            for path in patch.sections:
-                old, new = before / path, stage / path
-                section = file_diff(path, old if old.is_file() else None, new if new.is_file() else None)
-                if section:
-                    sections[path] = section
-            regenerated.append(PatchFile(name=patch.name, header=patch.header, sections=sections))
 
-    ok = all(r.status != "conflict" for r in results)
-    if ok and not dry_run:
-        for patch in regenerated:
-            _atomic_write(root / "patches" / patch.name, patch.text())
-        new_pin.save(root)
-        assemble(root, force=True, quiet=True)
-    return ok, results
+
+def _refuse_changed_checkout(root: Path, scratch: _Scratch) -> None:
+    """The final step replaces patches/ and the pin: edits made to them while the rebase waited would be lost."""
+    changed = [
+        path for path in ["upstream.toml", *(f"patches/{p.name}" for p in (scratch.old / "patches").iterdir())]
+        if not (root / path).is_file() or not filecmp.cmp(root / path, scratch.old / path, shallow=False)
+    ]
+    changed += [f"patches/{p.name}" for p in (root / "patches").iterdir() if not (scratch.old / "patches" / p.name).exists()]
+    if changed:
+        raise PatchQueueError(
+            f"{', '.join(sorted(changed))} changed since the rebase started; the rebase would overwrite that. Put them "
+            "back (git), or `make rebase ABORT=1` and start the rebase again"
+        )
+
+
+def _start(root: Path, scratch: _Scratch, old_pin: Pin, new_pin: Pin, patches: list[PatchFile], old_pristine: Path,
+           new_pristine: Path) -> dict:
+    """Build the scratch repository (old pristine, the patch commits, new pristine) and start `git rebase`."""
+    scratch.dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(root / "patches", scratch.old / "patches")
+    shutil.copy2(root / "upstream.toml", scratch.old / "upstream.toml")
+    repo = scratch.repo
+    _git(scratch.dir, "init", "-q", str(repo))
+    _copy_package(old_pristine, repo)
+    _commit_all(repo, f"pristine {old_pin.version}")
+    _git(repo, "tag", "base")
+    for patch in patches:
+        # The series applies to its own pin (`make check`); offsets or fuzz left by a dropped patch are allowed.
+        result = apply_patch(repo, patch.name, patch.text(), fuzz=2)
+        if result.status == "conflict":
+            raise PatchQueueError(
+                f"the series does not apply to the pinned release {old_pin.version}: {result.describe()}\n"
+                "Fix it first (`make check`)."
+            )
+        _commit_all(repo, patch.name)
+    _commit_release(repo, new_pristine, f"pristine {new_pin.version}")
+    state = {
+        "old": {"version": old_pin.version, "sha256": old_pin.sha256},
+        "new": {"version": new_pin.version, "sha256": new_pin.sha256},
+        "series": [p.name for p in patches],
+        "conflicts": [],  # one entry per stop: the patch, its files, the report printed
+        "phase": "rebasing",
+    }
+    scratch.save(state)
+    # --reapply-cherry-picks and --empty=keep: every patch keeps its commit, so commits map back to patches one to one.
+    _git(repo, "rebase", "--merge", "--reapply-cherry-picks", "--empty=keep", "--no-rerere-autoupdate", "--onto",
+         "upstream", "base", "series", check=False)
+    return state
+
+
+def _commit_all(repo: Path, message: str) -> None:
+    _git(repo, "add", "-A", "-f")
+    _git(repo, "commit", "-q", "--allow-empty", "--no-verify", "-m", message)
+
+
+def _commit_release(repo: Path, pristine: Path, message: str) -> None:
+    """Commit the package of `pristine` on top of `base` as branch `upstream`, straight from the cache (no copy)."""
+    index = repo / ".git" / "upstream-index"
+    # A separate index, git's directory named and the release's root as the work tree: the scratch work tree stays
+    # on the series, and the cached release is only read.
+    env = {"GIT_INDEX_FILE": str(index), "GIT_DIR": str(repo / ".git"), "GIT_WORK_TREE": str(pristine)}
+    _git(pristine, "add", "-A", "-f", "--", PACKAGE_DIR.as_posix(), env=env)
+    tree = _git(pristine, "write-tree", env=env).stdout.strip()
+    index.unlink()
+    commit = _git(repo, "commit-tree", tree, "-p", "base", "-m", message).stdout.strip()
+    _git(repo, "branch", "upstream", commit)
+
+
+def _continue_git(scratch: _Scratch) -> None:
+    proc = _git(scratch.repo, "rebase", "--continue", check=False)
+    if proc.returncode != 0 and not _unmerged(scratch.repo):
+        raise PatchQueueError(
+            f"`git rebase --continue` failed in {scratch.repo}:\n{proc.stdout}{proc.stderr}".rstrip()
+            + "\nFix it there with git, then `make rebase CONTINUE=1`, or `make rebase ABORT=1`"
+        )
+
+
+def _go_on(root: Path, scratch: _Scratch, state: dict, patches: list[PatchFile]) -> RebaseReport:
+    """After git stopped or finished: report the stop, or write the result into the checkout."""
+    if scratch.rebasing():
+        state["conflicts"].append(_stop_report(scratch, state, patches))
+        scratch.save(state)
+        done = _results(scratch, state, patches)
+        return RebaseReport(done, waiting=[p.name for p in patches[len(done):]], stopped=True,
+                            old=state["old"]["version"], new=state["new"]["version"])
+    return _finish(root, scratch, state, patches)
+
+
+def _finish(root: Path, scratch: _Scratch, state: dict, patches: list[PatchFile]) -> RebaseReport:
+    """Every commit is in: stage the regenerated patches, then replace patches/ and move the pin (pin last)."""
+    if state["phase"] != "writing":
+        results = _results(scratch, state, patches)
+        own = own_modules(root)
+        _refuse_unrefreshed(root, own)  # the re-assembly below would drop edits made while the rebase waited
+        shutil.rmtree(scratch.new, ignore_errors=True)
+        (scratch.new / "patches").mkdir(parents=True)
+        kept = []
+        for patch, result in zip(patches, results):
+            if result.status != "dropped":
+                kept.append(patch.name)
+                (scratch.new / "patches" / patch.name).write_text(result.regenerated.text(), encoding="utf-8")
+        series = (scratch.old / "patches" / "series").read_text(encoding="utf-8")
+        dropped = {r.patch for r in results if r.status == "dropped"}
+        series = "".join(line for line in series.splitlines(True) if line.split("#", 1)[0].strip() not in dropped)
+        (scratch.new / "patches" / "series").write_text(series, encoding="utf-8")
+        state["results"] = [[r.patch, r.status, r.notes] for r in results]
+        state["phase"] = "writing"
+        scratch.save(state)
+    results = [ApplyResult(name, status, notes) for name, status, notes in state["results"]]
+    try:
+        _install(root, scratch, state)
+    except BaseException:
+        # Interrupted in-process: put the checkout back as it was; `make rebase CONTINUE=1` writes it again.
+        _restore_checkout(root, scratch, state)
+        raise
+    shutil.rmtree(scratch.dir)
+    assemble(root, force=True, quiet=True)
+    return RebaseReport(results, finished=True, old=state["old"]["version"], new=state["new"]["version"])
+
+
+def _install(root: Path, scratch: _Scratch, state: dict) -> None:
+    """Write the staged patches (each via a temporary file and a rename), remove the dropped ones, move the pin last:
+    killed half way, the checkout still has the old pin, and `make rebase CONTINUE=1` / `ABORT=1` both recover."""
+    staged = {p.name: p.read_text(encoding="utf-8") for p in (scratch.new / "patches").iterdir()}
+    for name, text in staged.items():
+        _atomic_write(root / "patches" / name, text)
+    for name in state["series"]:
+        if name not in staged:
+            (root / "patches" / name).unlink(missing_ok=True)
+    Pin(package=Pin.load(root).package, version=state["new"]["version"], sha256=state["new"]["sha256"]).save(root)
+
+
+def _restore_checkout(root: Path, scratch: _Scratch, state: dict) -> None:
+    """Put patches/ and upstream.toml back as they were when the rebase started."""
+    for saved in (scratch.old / "patches").iterdir():
+        _atomic_write(root / "patches" / saved.name, saved.read_text(encoding="utf-8"))
+    _atomic_write(root / "upstream.toml", (scratch.old / "upstream.toml").read_text(encoding="utf-8"))
+    state["phase"] = "rebasing"
+    state.pop("results", None)
+    scratch.save(state)
+
+
+# Reading the scratch repository
+
+
+def _unmerged(repo: Path) -> list[str]:
+    return _git(repo, "diff", "--name-only", "--diff-filter=U").stdout.split("\n")[:-1]
+
+
+def _marker_line(path: Path) -> int | None:
+    """The first line of a conflict marker in `path` (1-based), or None."""
+    if not path.is_file():
+        return None
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if _CONFLICT_MARKER.match(line):
+            return number
+    return None
+
+
+def _blob(repo: Path, rev: str, path: str, dest: Path) -> Path | None:
+    """Write `rev:path` to `dest`; None when the file does not exist at `rev`."""
+    proc = subprocess.run(["git", *_GIT_SETTINGS, "cat-file", "blob", f"{rev}:{path}"], cwd=repo, capture_output=True,
+                          env=_git_env())
+    if proc.returncode != 0:
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(proc.stdout)
+    return dest
+
+
+def _rebased_commits(repo: Path) -> list[tuple[str, str]]:
+    """(sha, patch name) of the commits already replayed onto the new release, oldest first."""
+    out = _git(repo, "log", "--reverse", "--format=%H %s", "upstream..HEAD").stdout
+    return [tuple(line.split(" ", 1)) for line in out.splitlines()]
+
+
+def _regenerate(repo: Path, sha: str, patch: PatchFile, workdir: Path) -> PatchFile:
+    """The patch as its rebased commit's diff, in `file_diff` form, sections in the patch's order, header kept."""
+    touched = _git(repo, "diff-tree", "--no-commit-id", "--name-only", "-r", sha).stdout.split()
+    sections = {}
+    for path in list(patch.sections) + [p for p in touched if p not in patch.sections]:
+        old = _blob(repo, f"{sha}^", path, workdir / "old" / path)
+        new = _blob(repo, sha, path, workdir / "new" / path)
+        section = file_diff(path, old, new)
+        if section:
+            sections[path] = section
+    return PatchFile(name=patch.name, header=patch.header, sections=sections)
+
+
+_HUNK_HEADER = re.compile(r"(?m)^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@.*\n")
+
+
+def _hunks(section: str) -> list[tuple[int, str]]:
+    """(start line in the new file, body) of each hunk of a section."""
+    matches = list(_HUNK_HEADER.finditer(section))
+    return [
+        (int(m.group(3)), section[m.end():matches[i + 1].start() if i + 1 < len(matches) else len(section)])
+        for i, m in enumerate(matches)
+    ]
+
+
+def _classify(old: PatchFile, new: PatchFile, resolved: list[str]) -> ApplyResult:
+    """Compare a regenerated patch with the one it came from: the same hunks (applied), the same hunk bodies at other
+    lines (applied with offset), or other context or lines (merged three-way); empty: upstream has its changes."""
+    if not new.sections:
+        return ApplyResult(old.name, "dropped", ["it changes nothing on the new release: upstream has its changes"])
+    if new.sections == old.sections and not resolved:
+        return ApplyResult(old.name, "applied", [])
+    notes, merged = [], bool(resolved)
+    for path in new.sections:
+        before, after = _hunks(old.sections.get(path, "")), _hunks(new.sections[path])
+        if [b for _, b in before] != [b for _, b in after]:
+            merged = True
+            notes.append(f"{path}: merged three-way (upstream moved or changed lines in the context of its hunks)")
+            continue
+        for number, ((was, _), (now, _)) in enumerate(zip(before, after), 1):
+            if was != now:
+                notes.append(f"hunk #{number} of {path} at line {now} (offset {now - was} lines)")
+    for path in old.sections:
+        if path not in new.sections:
+            merged = True
+            notes.append(f"{path}: no longer changed by this patch (upstream has the change)")
+    notes += [f"{path}: its conflict was resolved by hand" for path in resolved]
+    return ApplyResult(old.name, "merged" if merged else "offset", notes)
+
+
+def _results(scratch: _Scratch, state: dict, patches: list[PatchFile]) -> list[ApplyResult]:
+    """One result per patch already rebased; a patch that stopped the rebase is reported as the conflict it met."""
+    by_name = {p.name: p for p in patches}
+    conflicts = {c["patch"]: c for c in state["conflicts"]}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (sha, name) in enumerate(_rebased_commits(scratch.repo)):
+            new = _regenerate(scratch.repo, sha, by_name[name], Path(tmp) / str(index))
+            if name in conflicts and state.get("dry_run"):
+                # Resolved with the patch's side only to carry on: the report is the conflict it met.
+                notes = conflicts[name]["notes"] + ["(dry run: taken with the patch's side to replay the later patches)"]
+                results.append(ApplyResult(name, "conflict", notes))
+                continue
+            result = _classify(by_name[name], new, conflicts[name]["files"] if name in conflicts else [])
+            result.regenerated = new
+            results.append(result)
+    if scratch.rebasing():
+        results.append(ApplyResult(state["conflicts"][-1]["patch"], "conflict", state["conflicts"][-1]["notes"]))
+    return results
+
+
+def _stop_report(scratch: _Scratch, state: dict, patches: list[PatchFile]) -> dict:
+    """What stopped the rebase: the patch, its conflicting files and regions, and the upstream hunks they met."""
+    repo = scratch.repo
+    name = _git(repo, "log", "-1", "--format=%s", "REBASE_HEAD").stdout.strip()
+    files = _unmerged(repo)
+    notes = []
+    for path in files:
+        notes += _describe_conflict(repo, path, state)
+    return {"patch": name, "files": files, "notes": notes}
+
+
+def _describe_conflict(repo: Path, path: str, state: dict) -> list[str]:
+    old, new = state["old"]["version"], state["new"]["version"]
+    work = repo / path
+    if not work.is_file() or _marker_line(work) is None:
+        return [f"{path}: upstream {old} -> {new} removed or renamed this file, or the patch did (decide with "
+                "`git add` / `git rm` there)"]
+    lines = work.read_text(encoding="utf-8", errors="replace").splitlines()
+    # The conflicted file also holds the patch's changes that merged: map its lines to HEAD's (the new release with
+    # the earlier patches), then HEAD's to the new release's, where upstream's own hunks are numbered.
+    with tempfile.TemporaryDirectory() as tmp:
+        head = _blob(repo, "HEAD", path, Path(tmp) / "head")
+        to_head = _line_map(_run_diff(head, work))
+    to_upstream = _line_map(_git(repo, "diff", "-U0", "--no-color", "upstream", "HEAD", "--", path).stdout)
+    upstream_hunks = _diff_hunks(_git(repo, "diff", "-U0", "--no-color", "base", "upstream", "--", path).stdout)
+    notes = []
+    for start, end, ours_len in _conflict_blocks(lines):
+        region = "\n".join("      " + line for line in lines[start - 1:end][:80])
+        if end - start + 1 > 80:
+            region += f"\n      ... ({end - start + 1 - 80} more lines)"
+        notes.append(f"CONFLICT in {path}, lines {start}-{end} of the scratch repository's file:\n{region}")
+        # The HEAD side of the block is lines start+1 .. start+ours_len; an empty side sits at the marker.
+        first = to_upstream(to_head(start + 1 if ours_len else start))
+        last = to_upstream(to_head(start + max(ours_len, 1)))
+        met = [text for lo, hi, text in upstream_hunks if lo <= last + 1 and hi >= first - 1]
+        if met:
+            shown = "\n".join("      " + line for text in met for line in text.splitlines()[:60])
+            notes.append(f"  the upstream change it met ({old} -> {new}, {path}):\n{shown}")
+        else:
+            notes.append(f"  no upstream change ({old} -> {new}) overlaps it: it meets a change of an earlier patch")
+    return notes
+
+
+def _conflict_blocks(lines: list[str]) -> list[tuple[int, int, int]]:
+    """Each conflict block as (first line, last line) in the conflicted file and the length of its `ours` side (HEAD:
+    the new release with the earlier patches), which starts on the line after the first."""
+    blocks, i = [], 0
+    while i < len(lines):
+        if not lines[i].startswith("<<<<<<<"):
+            i += 1
+            continue
+        start, ours_len, side = i + 1, 0, "ours"
+        i += 1
+        while i < len(lines) and not lines[i].startswith(">>>>>>>"):
+            if lines[i].startswith("|||||||") or lines[i].startswith("======="):
+                side = "other"
+            elif side == "ours":
+                ours_len += 1
+            i += 1
+        blocks.append((start, i + 1, ours_len))
+        i += 1
+    return blocks
+
+
+def _run_diff(old: Path | None, new: Path) -> str:
+    """`diff -U0` of two files (no file: empty), for line maps."""
+    proc = subprocess.run(["diff", "-U0", str(old or os.devnull), str(new)], capture_output=True, text=True)
+    if proc.returncode > 1:
+        raise PatchQueueError(f"diff failed on {new}: {proc.stderr}")
+    return proc.stdout
+
+
+def _diff_hunks(diff: str) -> list[tuple[int, int, str]]:
+    """The hunks of a `-U0` diff as (first, last line on the new side, hunk text)."""
+    hunks = []
+    matches = list(_HUNK_HEADER.finditer(diff))
+    for i, m in enumerate(matches):
+        text = diff[m.start():matches[i + 1].start() if i + 1 < len(matches) else len(diff)]
+        first, length = int(m.group(3)), int(m.group(4) if m.group(4) is not None else 1)
+        hunks.append((first, first + max(length, 1) - 1, text))
+    return hunks
+
+
+def _line_map(diff: str):
+    """A function from a line number of a `-U0` diff's new side to the matching line of its old side."""
+    spans = []
+    for m in _HUNK_HEADER.finditer(diff):
+        a_start, a_len = int(m.group(1)), int(m.group(2) if m.group(2) is not None else 1)
+        b_start, b_len = int(m.group(3)), int(m.group(4) if m.group(4) is not None else 1)
+        spans.append((a_start, a_len, b_start, b_len))
+
+    def to_old(line: int) -> int:
+        shift = 0
+        for a_start, a_len, b_start, b_len in spans:
+            # A side of length 0 sits after its start line: the lines it stands for begin one later.
+            b_first = b_start if b_len else b_start + 1
+            if line < b_first:
+                break
+            if line < b_first + b_len:
+                return a_start if a_len else a_start + 1
+            shift = (a_start + a_len if a_len else a_start + 1) - (b_first + b_len)
+        return line + shift
+
+    return to_old
+
+
+def _take_patch_side(scratch: _Scratch, files: list[str]) -> None:
+    """Dry run only: resolve each conflict block with the patch's side, so the later patches are replayed on it."""
+    for path in files:
+        work = scratch.repo / path
+        if work.is_file() and _marker_line(work):
+            kept, side = [], "common"
+            for line in work.read_text(encoding="utf-8").splitlines(True):
+                if line.startswith("<<<<<<<"):
+                    side = "ours"
+                elif line.startswith("|||||||") and side == "ours":
+                    side = "base"
+                elif line.startswith("=======") and side in ("ours", "base"):
+                    side = "theirs"
+                elif line.startswith(">>>>>>>") and side == "theirs":
+                    side = "common"
+                elif side in ("common", "theirs"):
+                    kept.append(line)
+            work.write_text("".join(kept), encoding="utf-8")
+        _git(scratch.repo, "add", "-A", "--", path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1058,6 +1586,50 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _rebase_command(root: Path, args: argparse.Namespace) -> int:
+    """Run a rebase step and print its report; exit status 1 while a conflict is open (or reported by a dry run)."""
+    if args.abort:
+        print(f"patchq rebase: {rebase_abort(root)}")
+        return 0
+    if args.go_on:
+        report = rebase_continue(root)
+    elif args.version and args.sha256:
+        report = rebase(root, args.version, args.sha256, dry_run=args.dry_run)
+    else:
+        raise PatchQueueError("give VERSION and SHA256 (the new release), or --continue, or --abort")
+    for result in report.results:
+        print(result.describe())
+    if report.stopped:
+        conflict = report.results[-1]
+        scratch = REBASE_DIR / "repo"
+        files = [path for path in _Scratch(root / REBASE_DIR).load()["conflicts"][-1]["files"]]
+        if report.waiting:
+            print(f"not replayed yet (they follow the resolution): {', '.join(report.waiting)}")
+        print(
+            f"patchq rebase: stopped at a conflict of {conflict.patch} onto {report.new}; patches/ and the pin "
+            f"({report.old}) are untouched.\n"
+            f"  Resolve it: edit {', '.join(str(scratch / path) for path in files)} (remove the conflict markers, keep "
+            "upstream's change and the patch's),\n"
+            f"  optionally `git -C {scratch} add <file>`, then `make rebase CONTINUE=1` (patchq rebase --continue).\n"
+            "  Or drop the rebase: `make rebase ABORT=1` (patchq rebase --abort).",
+            file=sys.stderr,
+        )
+        return 1
+    if report.finished:
+        print(f"patchq rebase: moved from {report.old} to {report.new}; patches regenerated, src/transformers reassembled")
+        return 0
+    conflicts = [r.patch for r in report.results if r.status == "conflict"]
+    if conflicts:
+        print(
+            f"patchq rebase: {len(conflicts)} conflict(s) onto {report.new} (dry run; the pin stays at {report.old}): "
+            f"{', '.join(conflicts)}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"patchq rebase: the series goes onto {report.new} (dry run; the pin stays at {report.old})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)")
@@ -1071,10 +1643,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("refresh", help="write edits of src/transformers back into patches/")
     p.add_argument("--patch", help="the patch that takes the edits (default: the last patch touching each file)")
     p.add_argument("--new", help="start a new patch with this name, appended to the series, for the edits")
-    p = sub.add_parser("rebase", help="move the series onto another release")
-    p.add_argument("version")
-    p.add_argument("sha256")
+    p = sub.add_parser("rebase", help="move the series onto another release (a three-way git rebase)")
+    p.add_argument("version", nargs="?")
+    p.add_argument("sha256", nargs="?")
     p.add_argument("--dry-run", action="store_true", help="report only; change neither the pin nor the patches")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--continue", dest="go_on", action="store_true",
+                       help=f"go on after resolving a conflict in {REBASE_DIR}/repo")
+    steps.add_argument("--abort", action="store_true", help="drop the rebase in progress; nothing changes")
     sub.add_parser("clean", help="remove the assembled files of src/transformers (the own modules stay)")
     p = sub.add_parser("pr-series", help="export the patches proposed upstream as a `git format-patch` series")
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default: {PR_SERIES_DIR})")
@@ -1103,17 +1679,7 @@ def main(argv: list[str] | None = None) -> int:
             lines = refresh(root, into=args.patch, new=args.new)
             print("\n".join(lines) if lines else "patchq refresh: nothing to refresh")
         elif args.command == "rebase":
-            old = Pin.load(root).version
-            ok, results = rebase(root, args.version, args.sha256, dry_run=args.dry_run)
-            for result in results:
-                print(result.describe())
-            if not ok:
-                print(f"patchq rebase: conflicts onto {args.version}; the pin stays at {old}", file=sys.stderr)
-                return 1
-            if args.dry_run:
-                print(f"patchq rebase: the series applies onto {args.version} (dry run; pin stays at {old})")
-            else:
-                print(f"patchq rebase: moved from {old} to {args.version}; patches regenerated, src/transformers reassembled")
+            return _rebase_command(root, args)
         elif args.command == "clean":
             clean(root)
         elif args.command == "pr-series":

@@ -2,13 +2,18 @@
 (checksum, broken patch, unrefreshed edits) with a message naming the cause, and rebase reports per patch. The fork's
 own modules are tracked files that assembly, check, refresh and rebase leave alone and the review diff shows."""
 
+import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 from parameterized import parameterized
 
@@ -27,8 +32,8 @@ OWN_MODULES = set(patchq.own_modules(REPO_ROOT))
 (VERSION_LABEL_PATCH,) = [name for name in patchq.read_series(REPO_ROOT) if name.endswith("-fork-version-label.patch")]
 
 
-def run_patchq(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPFORK_CACHE_DIR": str(SHARED_CACHE)}
+def run_patchq(root: Path, *args: str, cache: Path = SHARED_CACHE) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EPFORK_CACHE_DIR": str(cache)}
     return subprocess.run(
         [sys.executable, str(PATCHQ), "--root", str(root), *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -368,7 +373,7 @@ class RebaseTest(unittest.TestCase):
             self.assertEqual((pin.version, pin.sha256), RELEASE_5_23)
             self.assertEqual(run_patchq(self.root, "check").returncode, 0)
 
-    def test_conflicting_patch_is_reported_with_its_hunk_and_pin_is_kept(self):
+    def test_conflicting_patch_is_reported_with_the_upstream_hunk_and_pin_is_kept(self):
         # A change to a line that only 5.24.0 has: it must conflict on 5.23.0.
         init = patchq.fetch(REPO_ROOT) / "src" / "transformers" / "__init__.py"
         changed = _text_file(self.tmp, init.read_text().replace('__version__ = "5.24.0"', '__version__ = "5.24.0.x"'))
@@ -383,13 +388,309 @@ class RebaseTest(unittest.TestCase):
 
         proc = run_patchq(self.root, "rebase", *RELEASE_5_23)
 
-        self.assertNotEqual(proc.returncode, 0)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
         self.assertIn("0900-conflict.patch: CONFLICT", proc.stdout)
-        self.assertRegex(proc.stdout, r"hunk #1 of src/transformers/__init__.py does not apply \(at line \d+\)")
+        self.assertIn("CONFLICT in src/transformers/__init__.py, lines", proc.stdout)
+        self.assertRegex(proc.stdout, r'the upstream change it met \(5.24.0 -> 5.23.0[^\n]*\n.*\n\s*-__version__ = "5.24.0"')
         self.assertIn(f"{VERSION_LABEL_PATCH}: applied", proc.stdout)
-        self.assertIn("the pin stays at 5.24.0", proc.stderr)
+        self.assertIn("patches/ and the pin (5.24.0) are untouched", proc.stderr)
+        self.assertIn("make rebase CONTINUE=1", proc.stderr)
         self.assertEqual((self.root / "upstream.toml").read_text(), before)
         self.assertEqual({p.name: p.read_text() for p in (self.root / "patches").iterdir()}, patches_before)
+        self.assertEqual(run_patchq(self.root, "rebase", "--abort").returncode, 0)
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        self.assertEqual((self.root / "upstream.toml").read_text(), before)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic releases: tiny fake sdists in a temporary cache, to show what the three-way rebase does in seconds
+
+SYNTH_PATH = "src/transformers/modeling_utils.py"
+SYNTH_OLD = """\"\"\"A tiny stand-in for upstream's modeling_utils.\"\"\"
+
+import os
+
+
+class PreTrainedModel:
+    @classmethod
+    def get_init_context(cls, dtype, is_quantized):
+        contexts = [dtype]
+        if is_quantized:
+            contexts.append("quantized")
+        return contexts
+
+    @classmethod
+    def from_pretrained(cls, name, dtype=None):
+        is_quantized = False
+        contexts = cls.get_init_context(dtype, is_quantized)
+        model = cls()
+        model.contexts = contexts
+        return model
+
+
+def save(model, path):
+    # one
+    # two
+    # three
+    with open(path, "w") as f:
+        f.write(repr(model.contexts))
+    # four
+    # five
+    # six
+    return path
+"""
+# What the new releases do: lines inserted above every patch's hunks, a change next to a hunk's context, and (in the
+# conflicting release) a `config` parameter on the lines a patch changes too.
+SYNTH_MOVED = SYNTH_OLD.replace("import os\n", "import os\nimport sys\nimport json\n\nLOG = []\n").replace(
+    "    # five\n", "    # five, said upstream\n"
+)
+SYNTH_CONFLICT = SYNTH_MOVED.replace(
+    "def get_init_context(cls, dtype, is_quantized):", "def get_init_context(cls, dtype, is_quantized, config=None):"
+).replace("cls.get_init_context(dtype, is_quantized)", "cls.get_init_context(dtype, is_quantized, config)")
+SYNTH_OTHER = ("src/transformers/activations.py", "def gelu(x):\n    return x\n")
+# The resolution of the conflict: upstream's parameter and the fork's.
+SYNTH_RESOLVED_SIGNATURE = "def get_init_context(cls, dtype, is_quantized, config=None, distributed_config=None):"
+
+
+def make_release(cache: Path, version: str, text: str) -> str:
+    """Write transformers-<version>.tar.gz (the package: __init__.py, modeling_utils.py, activations.py) into the
+    cache; return its sha256."""
+    files = {
+        "src/transformers/__init__.py": f'__version__ = "{version}"\n',
+        SYNTH_PATH: text,
+        SYNTH_OTHER[0]: SYNTH_OTHER[1],
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, content in files.items():
+            data = content.encode()
+            info = tarfile.TarInfo(f"transformers-{version}/{path}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"transformers-{version}.tar.gz").write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+class SyntheticRebaseTest(unittest.TestCase):
+    """The three-way rebase on fake releases 0.1.0 (pinned), 0.2.0 (context moved) and 0.3.0 (a real conflict)."""
+
+    PATCH_HEADER = "Description: {}\nForwarded: not-needed\n---\n"
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="rebase-synthetic-"))
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.cache = self.tmp / "cache"
+        self.releases = {v: make_release(self.cache, v, t) for v, t in
+                         (("0.1.0", SYNTH_OLD), ("0.2.0", SYNTH_MOVED), ("0.3.0", SYNTH_CONFLICT))}
+        environ = mock.patch.dict(os.environ, {"EPFORK_CACHE_DIR": str(self.cache)})
+        environ.start()
+        self.addCleanup(environ.stop)
+        self.root = self.tmp / "repo"
+        (self.root / "patches").mkdir(parents=True)
+        patchq.Pin("transformers", "0.1.0", self.releases["0.1.0"]).save(self.root)
+        # 0001 changes the signature and the call; 0002's context holds 0001's signature line; 0003 changes `save`,
+        # whose context upstream changes next to it; 0004 patches a file upstream leaves alone.
+        signed = SYNTH_OLD.replace("is_quantized):", "is_quantized, distributed_config=None):").replace(
+            "(dtype, is_quantized)", "(dtype, is_quantized, distributed_config=None)")
+        bodied = signed.replace("        contexts = [dtype]\n", "        contexts = [dtype]\n        LOG.append(dtype)\n")
+        saved = bodied.replace("f.write(repr(model.contexts))", 'f.write(repr(model.contexts) + "\\n")')
+        self.add_patch("0001-distributed-config.patch", SYNTH_PATH, SYNTH_OLD, signed)
+        self.add_patch("0002-log-dtype.patch", SYNTH_PATH, signed, bodied)
+        self.add_patch("0003-newline.patch", SYNTH_PATH, bodied, saved)
+        self.add_patch("0004-gelu.patch", SYNTH_OTHER[0], SYNTH_OTHER[1], SYNTH_OTHER[1].replace("x\n", "x * 1\n"))
+        patchq.assemble(self.root, quiet=True)
+
+    def add_patch(self, name: str, path: str, before: str, after: str) -> None:
+        section = patchq.file_diff(path, _text_file(self.tmp, before), _text_file(self.tmp, after))
+        (self.root / "patches" / name).write_text(self.PATCH_HEADER.format(name) + section)
+        with open(self.root / "patches" / "series", "a") as f:
+            f.write(name + "\n")
+
+    def snapshot(self) -> dict[str, bytes]:
+        """upstream.toml, patches/ and src/transformers, byte for byte."""
+        files = {"upstream.toml": (self.root / "upstream.toml").read_bytes()}
+        for base in ("patches", "src"):
+            for path in sorted((self.root / base).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    files[path.relative_to(self.root).as_posix()] = path.read_bytes()
+        return files
+
+    def rebase(self, version: str, *args: str) -> subprocess.CompletedProcess:
+        return run_patchq(self.root, "rebase", version, self.releases[version], *args, cache=self.cache)
+
+    def test_fetch_reads_a_cached_tarball_without_pip(self):
+        with mock.patch.object(patchq, "_download_sdist", side_effect=AssertionError("no download expected")):
+            tree = patchq.fetch(self.root, patchq.Pin("transformers", "0.2.0", self.releases["0.2.0"]))
+        self.assertEqual((tree / SYNTH_PATH).read_text(), SYNTH_MOVED)
+
+    @parameterized.expand([("dry_run", True), ("for_real", False)])
+    def test_moved_context_merges_and_regenerated_patches_apply_exactly(self, _name, dry_run):
+        before = self.snapshot()
+        proc = self.rebase("0.2.0", *(["--dry-run"] if dry_run else []))
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        out = proc.stdout
+        self.assertRegex(out, r"(?m)^0001-distributed-config.patch: applied with offset\n"
+                              r"    hunk #1 of src/transformers/modeling_utils.py at line \d+ \(offset 4 lines\)")
+        self.assertRegex(out, r"(?m)^0002-log-dtype.patch: applied with offset$")
+        self.assertRegex(out, r"(?m)^0003-newline.patch: applied, merged three-way\n"
+                              r"    src/transformers/modeling_utils.py: merged three-way")
+        self.assertRegex(out, r"(?m)^0004-gelu.patch: applied$")
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        if dry_run:
+            self.assertEqual(self.snapshot(), before)
+            return
+        self.assertEqual(patchq.Pin.load(self.root).version, "0.2.0")
+        self.assertEqual(patchq.check(self.root), [])
+        self.assertIn("     # five, said upstream\n",
+                      (self.root / "patches" / "0003-newline.patch").read_text())
+        assembled = (self.root / SYNTH_PATH).read_text()
+        self.assertIn("import json", assembled)
+        self.assertIn('f.write(repr(model.contexts) + "\\n")', assembled)
+        # Every regenerated patch applies with no offset or fuzz, its header kept.
+        stage = self.tmp / "stage"
+        for result in patchq.stage_series(patchq.fetch(self.root), patchq.load_series(self.root), stage):
+            self.assertEqual(result.status, "applied", result.describe())
+        self.assertTrue((self.root / "patches" / "0003-newline.patch").read_text().startswith(
+            self.PATCH_HEADER.format("0003-newline.patch")))
+
+    def test_conflict_is_reported_once_with_the_upstream_hunk(self):
+        proc = self.rebase("0.3.0", "--dry-run")
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        out = proc.stdout
+        self.assertEqual(out.count(": CONFLICT"), 1, out)
+        self.assertRegex(out, r"(?m)^0001-distributed-config.patch: CONFLICT$")
+        self.assertIn("CONFLICT in src/transformers/modeling_utils.py, lines", out)
+        self.assertIn("the upstream change it met (0.1.0 -> 0.3.0, src/transformers/modeling_utils.py)", out)
+        self.assertIn("+    def get_init_context(cls, dtype, is_quantized, config=None):", out)
+        # 0002's context holds 0001's signature line: no cascade.
+        self.assertRegex(out, r"(?m)^0002-log-dtype.patch: applied")
+        self.assertRegex(out, r"(?m)^0003-newline.patch: applied")
+        self.assertIn("1 conflict(s) onto 0.3.0", proc.stderr)
+
+    def resolve(self) -> Path:
+        """Resolve the conflict in the scratch repository as a person would: upstream's parameter and the fork's."""
+        work = self.root / "build" / "rebase" / "repo" / SYNTH_PATH
+        lines, kept, side = work.read_text().splitlines(True), [], None
+        for line in lines:
+            if line.startswith("<<<<<<<"):
+                side, block = "in", []
+            elif line.startswith(">>>>>>>"):
+                side = None
+                ours = block[0]  # upstream's version of the line (HEAD side)
+                if "def get_init_context" in ours:
+                    kept.append(f"    {SYNTH_RESOLVED_SIGNATURE}\n")
+                else:
+                    kept.append("        contexts = cls.get_init_context(dtype, is_quantized, config, distributed_config=None)\n")
+            elif side:
+                block.append(line)
+            else:
+                kept.append(line)
+        work.write_text("".join(kept))
+        return work
+
+    def test_resolve_then_continue_moves_the_pin(self):
+        before = self.snapshot()
+        proc = self.rebase("0.3.0")
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertRegex(proc.stdout, r"(?m)^0001-distributed-config.patch: CONFLICT$")
+        self.assertIn("build/rebase/repo/src/transformers/modeling_utils.py", proc.stderr)
+        self.assertIn("make rebase CONTINUE=1", proc.stderr)
+        self.assertEqual(self.snapshot(), before, "nothing changes before the last step")
+
+        # Markers left: --continue refuses and names the file; a new rebase refuses too.
+        proc = run_patchq(self.root, "rebase", "--continue", cache=self.cache)
+        self.assertEqual(proc.returncode, 2)
+        self.assertRegex(proc.stderr, r"build/rebase/repo/src/transformers/modeling_utils.py still has conflict markers")
+        proc = self.rebase("0.2.0")
+        self.assertIn("is in progress or was interrupted", proc.stderr)
+        self.assertIn("make rebase ABORT=1", proc.stderr)
+
+        self.resolve()
+        proc = run_patchq(self.root, "rebase", "--continue", cache=self.cache)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertRegex(proc.stdout, r"(?m)^0001-distributed-config.patch: applied, merged three-way$")
+        self.assertIn("its conflict was resolved by hand", proc.stdout)
+        self.assertRegex(proc.stdout, r"(?m)^0002-log-dtype.patch: applied")
+        self.assertIn("moved from 0.1.0 to 0.3.0", proc.stdout)
+        self.assertEqual(patchq.Pin.load(self.root).version, "0.3.0")
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        self.assertEqual(patchq.check(self.root), [])
+        self.assertIn(f"+    {SYNTH_RESOLVED_SIGNATURE}\n",
+                      (self.root / "patches" / "0001-distributed-config.patch").read_text())
+        self.assertIn(SYNTH_RESOLVED_SIGNATURE, (self.root / SYNTH_PATH).read_text())
+
+    def test_abort_leaves_everything_as_it_was(self):
+        before = self.snapshot()
+        self.assertEqual(self.rebase("0.3.0").returncode, 1)
+        self.resolve()
+        proc = run_patchq(self.root, "rebase", "--abort", cache=self.cache)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("the pin stays at 0.1.0", proc.stdout)
+        self.assertEqual(self.snapshot(), before)
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        self.assertEqual(run_patchq(self.root, "rebase", "--abort", cache=self.cache).returncode, 2)
+
+    def test_interrupted_setup_leaves_nothing(self):
+        before = self.snapshot()
+        with mock.patch.object(patchq, "_commit_release", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                patchq.rebase(self.root, "0.2.0", self.releases["0.2.0"])
+        self.assertEqual(self.snapshot(), before)
+        self.assertFalse((self.root / "build" / "rebase").exists())
+
+    def test_interrupted_last_step_is_undone_then_continue_finishes(self):
+        before = self.snapshot()
+        with mock.patch.object(patchq.Pin, "save", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                patchq.rebase(self.root, "0.2.0", self.releases["0.2.0"])
+        self.assertEqual(self.snapshot(), before, "patches written before the interruption are put back")
+        report = patchq.rebase_continue(self.root)
+        self.assertTrue(report.finished)
+        self.assertEqual(patchq.Pin.load(self.root).version, "0.2.0")
+        self.assertEqual(patchq.check(self.root), [])
+
+    @parameterized.expand([("abort", "--abort"), ("continue", "--continue")])
+    def test_killed_in_the_last_step_recovers(self, _name, step):
+        before = self.snapshot()
+        # A process killed after writing the patches, before moving the pin.
+        script = (
+            "import os, signal, sys\n"
+            f"sys.path.insert(0, {str(PATCHQ.parent)!r})\n"
+            "import patchq\n"
+            "patchq.Pin.save = lambda self, root: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"sys.exit(patchq.main(['--root', {str(self.root)!r}, 'rebase', '0.2.0', {self.releases['0.2.0']!r}]))\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, -9, proc.stderr)
+        self.assertEqual(patchq.Pin.load(self.root).version, "0.1.0")
+        self.assertNotEqual(self.snapshot(), before, "the kill came after the patches were written")
+        self.assertIn("is in progress or was interrupted", self.rebase("0.2.0").stderr)
+
+        proc = run_patchq(self.root, "rebase", step, cache=self.cache)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        if step == "--abort":
+            self.assertEqual(self.snapshot(), before)
+        else:
+            self.assertEqual(patchq.Pin.load(self.root).version, "0.2.0")
+            self.assertEqual(patchq.check(self.root), [])
+
+    def test_check_after_a_pin_switch_says_assemble(self):
+        old = self.tmp / "old-pin"
+        shutil.copytree(self.root / "patches", old / "patches")
+        shutil.copy2(self.root / "upstream.toml", old / "upstream.toml")
+        self.assertEqual(self.rebase("0.2.0").returncode, 0)
+        # A checkout of the old pin's files (as `git checkout` of another branch does), src/transformers left as it is.
+        shutil.rmtree(self.root / "patches")
+        shutil.copytree(old / "patches", self.root / "patches")
+        shutil.copy2(old / "upstream.toml", self.root / "upstream.toml")
+        self.assertEqual(patchq.check(self.root),
+                         ["src/transformers was assembled from another pin or series: run `make assemble`"])
+        # An edit on top of that is still an edit.
+        (self.root / SYNTH_PATH).write_text((self.root / SYNTH_PATH).read_text() + "# edit\n")
+        self.assertIn(f"{SYNTH_PATH}: edited in src/transformers but not in patches/ (run `make refresh`)",
+                      patchq.check(self.root))
 
 
 def _text_file(tmp: Path, text: str) -> Path:
