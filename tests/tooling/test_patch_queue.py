@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from parameterized import parameterized
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCHQ = REPO_ROOT / "utils" / "patchq.py"
 SHARED_CACHE = REPO_ROOT / ".cache" / "upstream"
-RELEASE_5_23 = ("5.23.0", "19d647a4d5d903a7c644ca5cde2d86efc3dde7d8c687ae7988806ff2205efa71")
+# A real release other than the pin, whose `__version__` line differs from the pin's (the conflict test's target)
+OTHER_RELEASE = ("5.24.0", "906cb8c3cb2123575e263962586a4d21a979ce97feeb95fe6aaf66fe6ae88bf3")
 OWN_MODULE = "src/transformers/integrations/deepspeed_shard_on_read.py"  # a module of the fork's own, no patch
 
 sys.path.insert(0, str(REPO_ROOT / "utils"))
@@ -136,7 +138,8 @@ class PatchQueueTest(ScratchRepoTestCase):
     def test_failed_fetch_stops_with_clear_message(self):
         root = self.scratch_repo()
         env = {**os.environ, "EPFORK_CACHE_DIR": str(self.tmp / "empty-cache")}
-        text = (root / "upstream.toml").read_text().replace('version = "5.24.0"', 'version = "0.0.0.999"')
+        pin = patchq.Pin.load(root)
+        text = (root / "upstream.toml").read_text().replace(f'version = "{pin.version}"', 'version = "0.0.0.999"')
         (root / "upstream.toml").write_text(text)
         proc = subprocess.run(
             [sys.executable, str(PATCHQ), "--root", str(root), "fetch"], capture_output=True, text=True, env=env,
@@ -360,40 +363,42 @@ class RebaseTest(unittest.TestCase):
         shutil.copytree(REPO_ROOT / "patches", self.root / "patches")
 
     @parameterized.expand([("dry_run", True), ("for_real", False)])
-    def test_series_moves_to_5_23_and_reports_each_patch(self, _name, dry_run):
-        args = ["rebase", *RELEASE_5_23] + (["--dry-run"] if dry_run else [])
+    def test_series_onto_the_pinned_release_reports_each_patch_applied(self, _name, dry_run):
+        pin = patchq.Pin.load(self.root)
+        args = ["rebase", pin.version, pin.sha256] + (["--dry-run"] if dry_run else [])
         proc = run_patchq(self.root, *args)
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
         for name in patchq.read_series(self.root):
-            self.assertRegex(proc.stdout, rf"(?m)^{name}: applied")
-        pin = patchq.Pin.load(self.root)
-        if dry_run:
-            self.assertEqual(pin.version, "5.24.0")
-        else:
-            self.assertEqual((pin.version, pin.sha256), RELEASE_5_23)
+            self.assertRegex(proc.stdout, rf"(?m)^{name}: applied$")
+        self.assertEqual(patchq.Pin.load(self.root), pin)
+        self.assertFalse((self.root / "build" / "rebase").exists())
+        if not dry_run:
             self.assertEqual(run_patchq(self.root, "check").returncode, 0)
 
     def test_conflicting_patch_is_reported_with_the_upstream_hunk_and_pin_is_kept(self):
-        # A change to a line that only 5.24.0 has: it must conflict on 5.23.0.
+        # A change to the pinned release's `__version__` line: it must conflict on any other release. The series is cut
+        # to the version label patch (whose context every release has) and this one.
+        pin = patchq.Pin.load(self.root)
         init = patchq.fetch(REPO_ROOT) / "src" / "transformers" / "__init__.py"
-        changed = _text_file(self.tmp, init.read_text().replace('__version__ = "5.24.0"', '__version__ = "5.24.0.x"'))
+        line = f'__version__ = "{pin.version}"'
+        changed = _text_file(self.tmp, init.read_text().replace(line, line[:-1] + '.x"'))
         section = patchq.file_diff("src/transformers/__init__.py", init, changed)
         (self.root / "patches" / "0900-conflict.patch").write_text(
-            "Description: conflicts on 5.23.0 on purpose\nForwarded: not-needed\n---\n" + section
+            f"Description: conflicts on {OTHER_RELEASE[0]} on purpose\nForwarded: not-needed\n---\n" + section
         )
-        with open(self.root / "patches" / "series", "a") as f:
-            f.write("0900-conflict.patch\n")
+        (self.root / "patches" / "series").write_text(f"{VERSION_LABEL_PATCH}\n0900-conflict.patch\n")
         before = (self.root / "upstream.toml").read_text()
         patches_before = {p.name: p.read_text() for p in (self.root / "patches").iterdir()}
 
-        proc = run_patchq(self.root, "rebase", *RELEASE_5_23)
+        proc = run_patchq(self.root, "rebase", *OTHER_RELEASE)
 
         self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
         self.assertIn("0900-conflict.patch: CONFLICT", proc.stdout)
         self.assertIn("CONFLICT in src/transformers/__init__.py, lines", proc.stdout)
-        self.assertRegex(proc.stdout, r'the upstream change it met \(5.24.0 -> 5.23.0[^\n]*\n.*\n\s*-__version__ = "5.24.0"')
+        met = rf'the upstream change it met \({re.escape(pin.version)} -> {re.escape(OTHER_RELEASE[0])}[^\n]*\n.*\n\s*-'
+        self.assertRegex(proc.stdout, met + re.escape(line))
         self.assertIn(f"{VERSION_LABEL_PATCH}: applied", proc.stdout)
-        self.assertIn("patches/ and the pin (5.24.0) are untouched", proc.stderr)
+        self.assertIn(f"patches/ and the pin ({pin.version}) are untouched", proc.stderr)
         self.assertIn("make rebase CONTINUE=1", proc.stderr)
         self.assertEqual((self.root / "upstream.toml").read_text(), before)
         self.assertEqual({p.name: p.read_text() for p in (self.root / "patches").iterdir()}, patches_before)
