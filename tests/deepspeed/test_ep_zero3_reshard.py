@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parameterized import parameterized
 
+from tests.fork_utils.accelerate_config import generated_accelerate_yaml
 from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_abs_diff, max_diff
 from tests.fork_utils.launcher import launch
 from tests.fork_utils.tiny_models import make_checkpoint
@@ -95,13 +97,14 @@ class EPZero3ReshardTest(unittest.TestCase):
             self.references[steps, chunks] = train_reference(self.checkpoint, steps, chunks)
         return self.references[steps, chunks]
 
-    def hop(self, name, nproc, ep_size, resume_from=None, first_step=0, extra=()):
+    def hop(self, name, nproc, ep_size, resume_from=None, first_step=0, extra=(), **launch_options):
+        """One launch of the rank script; `launch_options` go to `launch` (e.g. another launcher and its config)."""
         args = ["--checkpoint", self.checkpoint, "--ep-size", ep_size, "--steps", STEPS_PER_HOP,
                 "--first-step", first_step, "--global-batch", GLOBAL_BATCH, "--lr", LR,
                 "--save-checkpoint", self.tmp / name]
         if resume_from is not None:
             args += ["--resume-from", self.tmp / resume_from]
-        result = launch(SCRIPT, [*args, *extra], nproc=nproc, timeout=TIMEOUT)
+        result = launch(SCRIPT, [*args, *extra], nproc=nproc, timeout=TIMEOUT, **launch_options)
         return result.check().results()
 
     def assert_at_parity_with_one_process(self, results, ep_size, steps):
@@ -168,6 +171,29 @@ class EPZero3ReshardTest(unittest.TestCase):
                                                                                                   "deepspeed"])
         for rank, report in refused.items():
             self.assertRegex(report.get("resume_error", ""), "same parameter placement topology", f"rank {rank}")
+
+    @parameterized.expand([
+        # `accelerate launch` with the yaml `accelerate config` writes: `{device: none}` offload sections, which the
+        # resume once refused on every rank (read as "offloaded")
+        ("accelerate_config_yaml", ["--launch-config"], {"optimizer": "none", "param": "none"}),
+        # the ZeRO-3 example of transformers' DeepSpeed docs offloads the parameters and the optimizer to the CPU
+        ("offload_to_cpu", ["--offload", "param", "optimizer"], {"optimizer": "cpu", "param": "cpu"}),
+    ])
+    def test_ep2_to_ep1_on_2_ranks_under_config(self, name, extra, offload_sections):
+        """The EP 2 -> without EP hop (2 ranks) of the test above, under another DeepSpeed config: exact load, then at
+        parity with one process."""
+        launch_options = {}
+        if "--launch-config" in extra:
+            yaml_path = generated_accelerate_yaml(self.tmp / f"{name}.yaml", param="none", optimizer="none")
+            launch_options = {"launcher": "accelerate", "accelerate_config": yaml_path}
+        previous, final = self.first_hop()
+        results = self.hop(f"hop1-{name}", 2, 1, resume_from=previous, first_step=STEPS_PER_HOP, extra=extra,
+                           **launch_options)
+        for rank, report in results.items():
+            self.assertNotIn("resume_error", report, f"rank {rank} could not resume")
+            self.assertEqual(report["offload_sections"], offload_sections, f"rank {rank}: not the config meant")
+        self.assert_loaded_exactly(results, 1, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(results, 1, 2 * STEPS_PER_HOP)
 
     @pytest.mark.topology
     @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
