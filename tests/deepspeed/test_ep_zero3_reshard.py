@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -118,16 +119,21 @@ class EPZero3ReshardTest(unittest.TestCase):
             f"reference's {ref_losses[-STEPS_PER_HOP:]} (relative differences {relative})"
         )
         final = whole_state(results, "final", ep_size)
+        for kind in ("param", *MOMENT_KEYS):
+            self.assert_close_to_reference(final[kind], kind, steps, nproc)
+        return final
+
+    def assert_close_to_reference(self, got, kind, steps, nproc):
+        """`got` (whole tensors by name) against one process's `kind` ("param" or a moment) after `steps` steps."""
+        _, ref_state = self.reference(steps)
         # The noise floor: the reference rerun with its batch summed in the ranks' parts (~1e-6 to 4e-5 here). Lost or
         # misplaced moments are off by a fraction of an update (~lr) per step, orders of magnitude more.
         _, reordered = self.reference(steps, chunks=nproc)
-        for kind in ("param", *MOMENT_KEYS):
-            floor, _ = max_diff(reordered[kind], ref_state[kind])
-            scale = max(t.abs().max().item() for t in ref_state[kind].values())
-            diff, worst = max_diff(final[kind], ref_state[kind])
-            self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
-                                 f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
-        return final
+        floor, _ = max_diff(reordered[kind], ref_state[kind])
+        scale = max(t.abs().max().item() for t in ref_state[kind].values())
+        diff, worst = max_diff(got, ref_state[kind])
+        self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
+                             f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
 
     def assert_loaded_exactly(self, results, ep_size, previous_final, saved_at_step):
         """Right after the load, every rank holds exactly what the previous hop ended with."""
@@ -194,6 +200,44 @@ class EPZero3ReshardTest(unittest.TestCase):
             self.assertEqual(report["offload_sections"], offload_sections, f"rank {rank}: not the config meant")
         self.assert_loaded_exactly(results, 1, final, STEPS_PER_HOP)
         self.assert_at_parity_with_one_process(results, 1, 2 * STEPS_PER_HOP)
+
+    def checkpoint_without_ep(self):
+        """The EP 2 -> without EP hop's checkpoint (2 ranks, plain ZeRO-3, 6 steps trained): the chain test's, or the
+        hop run here when that test did not run."""
+        name = "hop1-2ranks-ep1"
+        if not (self.tmp / name).is_dir():
+            previous, _ = self.first_hop()
+            self.hop(name, 2, 1, resume_from=previous, first_step=STEPS_PER_HOP)
+        return self.tmp / name
+
+    def test_fp32_weights_read_offline_from_ep_and_plain_checkpoints(self):
+        """The fork's `get_fp32_state_dict_from_zero_checkpoint`, in this one process: from the first hop's checkpoint
+        (2 ranks, EP 2) every expert, equal bit for bit to what the ranks ended with and at parity with one process;
+        from a checkpoint without EP, DeepSpeed's own output, identical. Negative control: with the expert-parallel
+        part switched off, DeepSpeed's reader raises on the EP checkpoint."""
+        from deepspeed.utils import zero_to_fp32
+
+        from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
+
+        ep_checkpoint, final = self.first_hop()
+        weights = offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
+        self.assertEqual(sorted(weights), sorted(final["param"]))
+        for name, tensor in final["param"].items():
+            self.assertEqual(weights[name].dtype, torch.float32, name)
+            self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
+        self.assert_close_to_reference(weights, "param", STEPS_PER_HOP, 2)
+
+        plain = str(self.checkpoint_without_ep())
+        ours, deepspeeds = (read(plain) for read in (offline.get_fp32_state_dict_from_zero_checkpoint,
+                                                     zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint))
+        self.assertEqual(list(ours), list(deepspeeds))
+        for name, tensor in deepspeeds.items():
+            self.assertTrue(torch.equal(ours[name], tensor) and ours[name].dtype == tensor.dtype, name)
+        self.assert_close_to_reference(ours, "param", 2 * STEPS_PER_HOP, 2)
+
+        with mock.patch.object(offline, "is_expert_parallel_checkpoint", return_value=False):
+            with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
+                offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
 
     @pytest.mark.topology
     @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
