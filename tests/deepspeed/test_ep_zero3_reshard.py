@@ -15,6 +15,7 @@ EP size 1 is a model loaded without a `DistributedConfig`: plain ZeRO-3, every p
 """
 
 import os
+import re
 import shutil
 import tempfile
 import unittest
@@ -238,6 +239,36 @@ class EPZero3ReshardTest(unittest.TestCase):
         with mock.patch.object(offline, "is_expert_parallel_checkpoint", return_value=False):
             with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
                 offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
+
+    def test_fp32_weights_read_offline_with_frozen_experts_and_embeddings(self):
+        """2 ranks, EP 2, the experts and the embeddings frozen (trained: attention, norms, routers, head): the reader
+        returns every parameter equal bit for bit to what the ranks ended with (the frozen ones as loaded, whole), and
+        leaves the frozen ones out with `exclude_frozen_parameters`. Negative control: DeepSpeed's own reader (the
+        expert-parallel part switched off) returns one rank's experts, silently, without raising."""
+        from deepspeed.utils import zero_to_fp32
+
+        from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
+
+        frozen = r"mlp\.experts|embed_tokens"
+        results = self.hop("frozen-experts", 2, 2, extra=["--freeze", frozen])
+        final = whole_state(results, "final", 2)["param"]
+        checkpoint = str(self.tmp / "frozen-experts")
+        weights = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+        self.assertEqual(sorted(weights), sorted(final))
+        for name, tensor in final.items():
+            self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
+        from transformers import AutoModelForCausalLM
+
+        loaded = dict(AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32).named_parameters())
+        for name in final:
+            if re.search(frozen, name):
+                self.assertTrue(torch.equal(weights[name], loaded[name]), f"{name}: frozen, but not as loaded")
+        trained = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint, exclude_frozen_parameters=True)
+        self.assertEqual(sorted(trained), sorted(name for name in final if not re.search(frozen, name)))
+
+        deepspeeds = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+        wrong = [name for name, tensor in final.items() if deepspeeds[name].shape != tensor.shape]
+        self.assertTrue(wrong and all(is_expert_param(name) for name in wrong), wrong)
 
     @pytest.mark.topology
     @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")

@@ -25,11 +25,10 @@ weights become a state dict. A checkpoint without expert parallelism goes to Dee
 output stays DeepSpeed's.
 """
 
-import glob
 import os
 
 from ..utils import is_torch_available, logging
-from .deepspeed_expert_parallel_reshard import SavedZero3Checkpoint, resolve_checkpoint_dir
+from .deepspeed_expert_parallel_reshard import SavedZero3Checkpoint, _checkpoint_files, resolve_checkpoint_dir
 
 
 if is_torch_available():
@@ -39,22 +38,63 @@ if is_torch_available():
 logger = logging.get_logger(__name__)
 
 
+def _frozen_partition_size(numel: int, fragment_numel: int, world_size: int) -> int | None:
+    """
+    Over how many ranks a frozen ZeRO-3 parameter of `numel` elements was partitioned, told from one rank's partition
+    (`fragment_numel`, `ceil(numel / ranks)` with padding): all ranks for a dense weight, the W/P ranks of an
+    expert-data-parallel group for an expert. None when several group sizes give that partition (a tensor with fewer
+    elements than ranks): the checkpoint does not say which.
+    """
+    sizes = [size for size in range(1, world_size + 1)
+             if world_size % size == 0 and -(-numel // size) == fragment_numel]
+    return sizes[0] if len(sizes) == 1 else None
+
+
+def _frozen_shapes(model_state: dict) -> dict:
+    """The frozen parameters' shapes on the rank, by name; none when the checkpoint was saved without them."""
+    if model_state.get("frozen_param_fragments") is None:
+        return {}
+    return model_state.get("frozen_param_shapes") or {}
+
+
+def _frozen_expert_parallel_sizes(model_states: dict) -> set:
+    """
+    The expert-parallel sizes the frozen parameters were partitioned with (1: over all ranks). DeepSpeed saves each
+    frozen parameter as every rank's bare partition (`frozen_param_fragments`) with the shape it had on the rank
+    (`frozen_param_shapes`), without the ranks it was cut over: the partition's size tells them (an expert's are its
+    expert-data-parallel group). Tensors too small to tell and empty ones are left out.
+    """
+    world_size = len(model_states)
+    sizes = set()
+    for name, shape in _frozen_shapes(model_states[0]).items():
+        fragment = model_states[0]["frozen_param_fragments"][name]
+        group_size = _frozen_partition_size(shape.numel(), fragment.numel(), world_size) if shape.numel() else None
+        if group_size is not None:
+            sizes.add(world_size // group_size)
+    return sizes
+
+
 def is_expert_parallel_checkpoint(checkpoint_dir: str) -> bool:
     """
-    Whether the ZeRO-3 checkpoint in `checkpoint_dir` (one tag's folder) holds sub-groups partitioned over
+    Whether the ZeRO-3 checkpoint in `checkpoint_dir` (one tag's folder) holds parameters partitioned over
     expert-data-parallel groups (the experts of an expert-parallel model), which DeepSpeed's `zero_to_fp32` cannot
-    read. DeepSpeed records the ranks of such sub-groups (`ds_zero_partition_groups`) in each rank's optimizer
-    states, and nothing for a model without them; every rank of an expert-parallel model holds experts, so rank 0's
-    file answers. ZeRO stages 1 and 2 (no such groups) answer no.
+    read: it stops on trained ones and returns one rank's slice of frozen ones. For trained experts DeepSpeed records
+    the ranks of their sub-groups (`ds_zero_partition_groups`) in each rank's optimizer states, and nothing for a
+    model without them (every rank of an expert-parallel model holds experts, so rank 0's file answers); frozen ones
+    are told by the size of their partitions (`_frozen_expert_parallel_sizes`). ZeRO stages 1 and 2 answer no.
     """
-    files = sorted(glob.glob(os.path.join(checkpoint_dir, "*zero_pp_rank_0_mp_rank_*_optim_states.pt")))
-    if not files:
+    optim_files = _checkpoint_files(checkpoint_dir, "optim")
+    if 0 not in optim_files:
         return False
-    optimizer_state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+    optimizer_state = SavedZero3Checkpoint._load(optim_files[0])["optimizer_state_dict"]
     if optimizer_state.get("zero_stage") != 3:
         return False
     groups = optimizer_state.get("ds_zero_partition_groups") or []
-    return any("autoep_expert" in group["families"] for group in groups)
+    if any("autoep_expert" in group["families"] for group in groups):
+        return True
+    model_files = _checkpoint_files(checkpoint_dir, "model")
+    model_states = {rank: SavedZero3Checkpoint._load(path) for rank, path in model_files.items()}
+    return bool(model_states) and _frozen_expert_parallel_sizes(model_states) - {1} != set()
 
 
 def _buffers(saved: SavedZero3Checkpoint) -> dict:
@@ -68,26 +108,40 @@ def _buffers(saved: SavedZero3Checkpoint) -> dict:
     }
 
 
-def _refuse_frozen_parameters(saved: SavedZero3Checkpoint):
+def _frozen_whole_tensor(saved: SavedZero3Checkpoint, name: str, shape) -> "torch.Tensor":
     """
-    Frozen parameters are saved as each rank's bare partition, without the group it was cut over: under expert
-    parallelism a frozen expert (one group per EP rank) cannot be told from a frozen dense weight (all ranks), so they
-    are not rebuilt rather than rebuilt wrong. They are the weights the model was loaded with.
+    A frozen parameter, whole: its partitions concatenated within their group, and for an expert the groups' slices
+    in the order of their expert-parallel ranks (EP rank e's group holds the ranks e, e + P, ..., as for trained
+    experts, `SavedZero3Checkpoint.whole_tensor`). In the dtype it was saved in, as DeepSpeed's reader returns frozen
+    parameters.
     """
-    frozen = sorted(saved.model_states[0].get("frozen_param_shapes") or {})
-    if frozen:
+    world_size = saved.world_size
+    fragments = [saved.model_states[rank]["frozen_param_fragments"][name].reshape(-1) for rank in range(world_size)]
+    numel = shape.numel()
+    if numel == 0:
+        return fragments[0].new_empty(shape)
+    group_size = _frozen_partition_size(numel, fragments[0].numel(), world_size)
+    if group_size is None:
         raise NotImplementedError(
-            f"{saved.checkpoint_dir} holds frozen parameters (e.g. {frozen[:3]}), which the reader of expert-parallel "
-            "checkpoints does not rebuild. Pass `exclude_frozen_parameters=True` and take them from the checkpoint "
-            "the model was loaded from: frozen parameters keep the weights they were loaded with."
+            f"{saved.checkpoint_dir}: the frozen parameter `{name}` ({numel} elements) is too small to tell over which "
+            "ranks it was partitioned. Pass `exclude_frozen_parameters=True` and take it from the checkpoint the "
+            "model was loaded from: frozen parameters keep the weights they were loaded with."
         )
+    ep_size = world_size // group_size
+    slices = [torch.cat(fragments[ep_rank::ep_size]).narrow(0, 0, numel).view(shape) for ep_rank in range(ep_size)]
+    return torch.cat(slices) if ep_size > 1 else slices[0]
+
+
+def _frozen_parameters(saved: SavedZero3Checkpoint) -> dict:
+    shapes = _frozen_shapes(saved.model_states[0])
+    return {name: _frozen_whole_tensor(saved, name, shape) for name, shape in shapes.items()}
 
 
 def _expert_parallel_fp32_state_dict(checkpoint_dir: str, exclude_frozen_parameters: bool) -> dict:
     saved = SavedZero3Checkpoint(checkpoint_dir)
-    if not exclude_frozen_parameters:
-        _refuse_frozen_parameters(saved)
     state_dict = _buffers(saved)
+    if not exclude_frozen_parameters:
+        state_dict.update(_frozen_parameters(saved))
     for name in saved.groups:
         state_dict[name] = saved.whole_tensor(name, "fp32")
     # Tied weights were saved once, under one of their names
@@ -104,7 +158,8 @@ def get_fp32_state_dict_from_zero_checkpoint(
     """
     DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` for checkpoints of expert-parallel models too: the fp32
     master weights of a DeepSpeed ZeRO checkpoint, whole (every expert of every expert parallel rank), on the CPU,
-    under the model's parameter names, with the buffers (floating ones in fp32) and tied weights, in one process.
+    under the model's parameter names, with the buffers (floating ones in fp32), the frozen parameters and tied
+    weights, in one process.
 
     Args:
         checkpoint_dir (`str`):
@@ -114,8 +169,9 @@ def get_fp32_state_dict_from_zero_checkpoint(
             The checkpoint's tag (e.g. `global_step14`): read from `checkpoint_dir/latest` when not given, or the only
             `global_step*` folder there.
         exclude_frozen_parameters (`bool`, *optional*, defaults to `False`):
-            Leave out the parameters that were not trained. An expert-parallel checkpoint holding frozen parameters
-            needs it (they are refused otherwise: `_refuse_frozen_parameters`).
+            Leave out the parameters that were not trained. Otherwise they come whole, experts included, in the dtype
+            they were saved in (as DeepSpeed's reader returns them); a frozen parameter of an expert-parallel
+            checkpoint with fewer elements than ranks is refused (`_frozen_whole_tensor`).
 
     Checkpoints without expert parallelism (and ZeRO stages 1 and 2) are read by DeepSpeed's own function, unchanged.
     """

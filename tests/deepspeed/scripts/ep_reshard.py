@@ -11,11 +11,13 @@ ranks like every other parameter), which is what EP size 1 means under DeepSpeed
 ``accelerate`` (``accelerator.load_state`` under ``accelerate launch``); ``--entry trainer`` trains with the
 ``Trainer`` instead (rows in order, a checkpoint every ``--save-steps`` into ``--output-dir``), resuming with its
 ``resume_from_checkpoint``; ``--zero-moments`` zeroes Adam's moments after
-the load (negative control). Reported per rank: losses, the parameters and Adam moments right after the load and at
-the end (dense whole, experts this rank's EP slice), the rank's EP rank. Nothing is asserted here.
+the load (negative control); ``--freeze REGEX`` leaves the parameters it matches untrained. Reported per rank: losses,
+the parameters and Adam moments right after the load and at the end (dense whole, experts this rank's EP slice), the
+rank's EP rank. Nothing is asserted here.
 """
 
 import argparse
+import re
 import traceback
 
 import torch
@@ -45,6 +47,8 @@ def parse_args():
     parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
     parser.add_argument("--offload", choices=["optimizer", "param"], nargs="*", default=[],
                         help="ZeRO-3 offload of the optimizer state and/or the parameters to the CPU")
+    parser.add_argument("--freeze", default=None,
+                        help="a regular expression: the parameters whose names it matches are not trained")
     parser.add_argument("--launch-config", action="store_true",
                         help="under accelerate launch: keep the DeepSpeed config accelerate built from the launch's "
                              "yaml (e.g. the one `accelerate config` writes), filling in only the micro batch size")
@@ -90,8 +94,9 @@ def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
             state["param"][name] = param.data.detach().clone()
-        for key in MOMENT_KEYS:
-            state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone()
+        if param.requires_grad:  # frozen parameters have no optimizer state
+            for key in MOMENT_KEYS:
+                state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone()
     return state
 
 
@@ -167,7 +172,11 @@ def main():
         args.checkpoint, distributed_config=distributed_config, dtype=torch.float32
     )
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad_(re.search(args.freeze, name) is None)
+    trained = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     if with_accelerate:
         launched = registered.state.deepspeed_plugin.deepspeed_config
         if args.launch_config:  # what the yaml leaves to "auto" and no data loader tells accelerate here
