@@ -247,28 +247,41 @@ class EPZero3ReshardTest(unittest.TestCase):
         expert-parallel part switched off) returns one rank's experts, silently, without raising."""
         from deepspeed.utils import zero_to_fp32
 
+        frozen = r"mlp\.experts|embed_tokens"
+        final, checkpoint = self.assert_frozen_read_offline(2, frozen)
+        deepspeeds = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+        wrong = [name for name, tensor in final.items() if deepspeeds[name].shape != tensor.shape]
+        self.assertTrue(wrong and all(is_expert_param(name) for name in wrong), wrong)
+
+    @pytest.mark.topology
+    @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
+    def test_fp32_weights_read_offline_on_4_ranks_with_frozen_and_trained_experts(self):
+        """4 ranks, EP 2 x expert-data-parallel 2: frozen experts (`down_proj`) partitioned over 2 ranks each, next to
+        trained ones (`gate_up_proj`), and frozen embeddings over all 4."""
+        self.assert_frozen_read_offline(4, r"mlp\.experts\.down_proj|embed_tokens")
+
+    def assert_frozen_read_offline(self, nproc, frozen):
+        """Train on `nproc` ranks (EP 2) with the parameters `frozen` matches frozen, save, and read the checkpoint
+        offline: every parameter equal to the ranks' (the frozen ones as loaded), none of the frozen ones with
+        `exclude_frozen_parameters`. Returns the ranks' final weights and the checkpoint."""
+        from transformers import AutoModelForCausalLM
         from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
 
-        frozen = r"mlp\.experts|embed_tokens"
-        results = self.hop("frozen-experts", 2, 2, extra=["--freeze", frozen])
+        run = f"frozen-{nproc}ranks"
+        results = self.hop(run, nproc, 2, extra=["--freeze", frozen])
         final = whole_state(results, "final", 2)["param"]
-        checkpoint = str(self.tmp / "frozen-experts")
+        checkpoint = str(self.tmp / run)
         weights = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
         self.assertEqual(sorted(weights), sorted(final))
         for name, tensor in final.items():
             self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
-        from transformers import AutoModelForCausalLM
-
         loaded = dict(AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32).named_parameters())
         for name in final:
             if re.search(frozen, name):
                 self.assertTrue(torch.equal(weights[name], loaded[name]), f"{name}: frozen, but not as loaded")
         trained = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint, exclude_frozen_parameters=True)
         self.assertEqual(sorted(trained), sorted(name for name in final if not re.search(frozen, name)))
-
-        deepspeeds = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
-        wrong = [name for name, tensor in final.items() if deepspeeds[name].shape != tensor.shape]
-        self.assertTrue(wrong and all(is_expert_param(name) for name in wrong), wrong)
+        return final, checkpoint
 
     @pytest.mark.topology
     @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
