@@ -199,6 +199,8 @@ class EPZero3ReshardTest(unittest.TestCase):
         for rank, report in results.items():
             self.assertNotIn("resume_error", report, f"rank {rank} could not resume")
             self.assertEqual(report["offload_sections"], offload_sections, f"rank {rank}: not the config meant")
+            offloaded = sorted(what for what, device in offload_sections.items() if device != "none")
+            self.assertEqual(report["offloaded"], offloaded, f"rank {rank}: offload read from the config")
         self.assert_loaded_exactly(results, 1, final, STEPS_PER_HOP)
         self.assert_at_parity_with_one_process(results, 1, 2 * STEPS_PER_HOP)
 
