@@ -15,14 +15,18 @@ EP size 1 is a model loaded without a `DistributedConfig`: plain ZeRO-3, every p
 """
 
 import os
+import re
 import shutil
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from parameterized import parameterized
 
+from tests.fork_utils.accelerate_config import generated_accelerate_yaml
 from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_abs_diff, max_diff
 from tests.fork_utils.launcher import launch
 from tests.fork_utils.tiny_models import make_checkpoint
@@ -95,13 +99,14 @@ class EPZero3ReshardTest(unittest.TestCase):
             self.references[steps, chunks] = train_reference(self.checkpoint, steps, chunks)
         return self.references[steps, chunks]
 
-    def hop(self, name, nproc, ep_size, resume_from=None, first_step=0, extra=()):
+    def hop(self, name, nproc, ep_size, resume_from=None, first_step=0, extra=(), **launch_options):
+        """One launch of the rank script; `launch_options` go to `launch` (e.g. another launcher and its config)."""
         args = ["--checkpoint", self.checkpoint, "--ep-size", ep_size, "--steps", STEPS_PER_HOP,
                 "--first-step", first_step, "--global-batch", GLOBAL_BATCH, "--lr", LR,
                 "--save-checkpoint", self.tmp / name]
         if resume_from is not None:
             args += ["--resume-from", self.tmp / resume_from]
-        result = launch(SCRIPT, [*args, *extra], nproc=nproc, timeout=TIMEOUT)
+        result = launch(SCRIPT, [*args, *extra], nproc=nproc, timeout=TIMEOUT, **launch_options)
         return result.check().results()
 
     def assert_at_parity_with_one_process(self, results, ep_size, steps):
@@ -115,16 +120,21 @@ class EPZero3ReshardTest(unittest.TestCase):
             f"reference's {ref_losses[-STEPS_PER_HOP:]} (relative differences {relative})"
         )
         final = whole_state(results, "final", ep_size)
+        for kind in ("param", *MOMENT_KEYS):
+            self.assert_close_to_reference(final[kind], kind, steps, nproc)
+        return final
+
+    def assert_close_to_reference(self, got, kind, steps, nproc):
+        """`got` (whole tensors by name) against one process's `kind` ("param" or a moment) after `steps` steps."""
+        _, ref_state = self.reference(steps)
         # The noise floor: the reference rerun with its batch summed in the ranks' parts (~1e-6 to 4e-5 here). Lost or
         # misplaced moments are off by a fraction of an update (~lr) per step, orders of magnitude more.
         _, reordered = self.reference(steps, chunks=nproc)
-        for kind in ("param", *MOMENT_KEYS):
-            floor, _ = max_diff(reordered[kind], ref_state[kind])
-            scale = max(t.abs().max().item() for t in ref_state[kind].values())
-            diff, worst = max_diff(final[kind], ref_state[kind])
-            self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
-                                 f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
-        return final
+        floor, _ = max_diff(reordered[kind], ref_state[kind])
+        scale = max(t.abs().max().item() for t in ref_state[kind].values())
+        diff, worst = max_diff(got, ref_state[kind])
+        self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
+                             f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
 
     def assert_loaded_exactly(self, results, ep_size, previous_final, saved_at_step):
         """Right after the load, every rank holds exactly what the previous hop ended with."""
@@ -168,6 +178,112 @@ class EPZero3ReshardTest(unittest.TestCase):
                                                                                                   "deepspeed"])
         for rank, report in refused.items():
             self.assertRegex(report.get("resume_error", ""), "same parameter placement topology", f"rank {rank}")
+
+    @parameterized.expand([
+        # `accelerate launch` with the yaml `accelerate config` writes: `{device: none}` offload sections, which the
+        # resume once refused on every rank (read as "offloaded")
+        ("accelerate_config_yaml", ["--launch-config"], {"optimizer": "none", "param": "none"}),
+        # the ZeRO-3 example of transformers' DeepSpeed docs offloads the parameters and the optimizer to the CPU
+        ("offload_to_cpu", ["--offload", "param", "optimizer"], {"optimizer": "cpu", "param": "cpu"}),
+    ])
+    def test_ep2_to_ep1_on_2_ranks_under_config(self, name, extra, offload_sections):
+        """The EP 2 -> without EP hop (2 ranks) of the test above, under another DeepSpeed config: exact load, then at
+        parity with one process."""
+        launch_options = {}
+        if "--launch-config" in extra:
+            yaml_path = generated_accelerate_yaml(self.tmp / f"{name}.yaml", param="none", optimizer="none")
+            launch_options = {"launcher": "accelerate", "accelerate_config": yaml_path}
+        previous, final = self.first_hop()
+        results = self.hop(f"hop1-{name}", 2, 1, resume_from=previous, first_step=STEPS_PER_HOP, extra=extra,
+                           **launch_options)
+        for rank, report in results.items():
+            self.assertNotIn("resume_error", report, f"rank {rank} could not resume")
+            self.assertEqual(report["offload_sections"], offload_sections, f"rank {rank}: not the config meant")
+            offloaded = sorted(what for what, device in offload_sections.items() if device != "none")
+            self.assertEqual(report["offloaded"], offloaded, f"rank {rank}: offload read from the config")
+        self.assert_loaded_exactly(results, 1, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(results, 1, 2 * STEPS_PER_HOP)
+
+    def checkpoint_without_ep(self):
+        """The EP 2 -> without EP hop's checkpoint (2 ranks, plain ZeRO-3, 6 steps trained): the chain test's, or the
+        hop run here when that test did not run."""
+        name = "hop1-2ranks-ep1"
+        if not (self.tmp / name).is_dir():
+            previous, _ = self.first_hop()
+            self.hop(name, 2, 1, resume_from=previous, first_step=STEPS_PER_HOP)
+        return self.tmp / name
+
+    def test_fp32_weights_read_offline_from_ep_and_plain_checkpoints(self):
+        """The fork's `get_fp32_state_dict_from_zero_checkpoint`, in this one process: from the first hop's checkpoint
+        (2 ranks, EP 2) every expert, equal bit for bit to what the ranks ended with and at parity with one process;
+        from a checkpoint without EP, DeepSpeed's own output, identical. Negative control: with the expert-parallel
+        part switched off, DeepSpeed's reader raises on the EP checkpoint."""
+        from deepspeed.utils import zero_to_fp32
+
+        from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
+
+        ep_checkpoint, final = self.first_hop()
+        weights = offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
+        self.assertEqual(sorted(weights), sorted(final["param"]))
+        for name, tensor in final["param"].items():
+            self.assertEqual(weights[name].dtype, torch.float32, name)
+            self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
+        self.assert_close_to_reference(weights, "param", STEPS_PER_HOP, 2)
+
+        plain = str(self.checkpoint_without_ep())
+        ours, deepspeeds = (read(plain) for read in (offline.get_fp32_state_dict_from_zero_checkpoint,
+                                                     zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint))
+        self.assertEqual(list(ours), list(deepspeeds))
+        for name, tensor in deepspeeds.items():
+            self.assertTrue(torch.equal(ours[name], tensor) and ours[name].dtype == tensor.dtype, name)
+        self.assert_close_to_reference(ours, "param", 2 * STEPS_PER_HOP, 2)
+
+        with mock.patch.object(offline, "is_expert_parallel_checkpoint", return_value=False):
+            with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
+                offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
+
+    def test_fp32_weights_read_offline_with_frozen_experts_and_embeddings(self):
+        """2 ranks, EP 2, the experts and the embeddings frozen (trained: attention, norms, routers, head): the reader
+        returns every parameter equal bit for bit to what the ranks ended with (the frozen ones as loaded, whole), and
+        leaves the frozen ones out with `exclude_frozen_parameters`. Negative control: DeepSpeed's own reader (the
+        expert-parallel part switched off) returns one rank's experts, silently, without raising."""
+        from deepspeed.utils import zero_to_fp32
+
+        frozen = r"mlp\.experts|embed_tokens"
+        final, checkpoint = self.assert_frozen_read_offline(2, frozen)
+        deepspeeds = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+        wrong = [name for name, tensor in final.items() if deepspeeds[name].shape != tensor.shape]
+        self.assertTrue(wrong and all(is_expert_param(name) for name in wrong), wrong)
+
+    @pytest.mark.topology
+    @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")
+    def test_fp32_weights_read_offline_on_4_ranks_with_frozen_and_trained_experts(self):
+        """4 ranks, EP 2 x expert-data-parallel 2: frozen experts (`down_proj`) partitioned over 2 ranks each, next to
+        trained ones (`gate_up_proj`), and frozen embeddings over all 4."""
+        self.assert_frozen_read_offline(4, r"mlp\.experts\.down_proj|embed_tokens")
+
+    def assert_frozen_read_offline(self, nproc, frozen):
+        """Train on `nproc` ranks (EP 2) with the parameters `frozen` matches frozen, save, and read the checkpoint
+        offline: every parameter equal to the ranks' (the frozen ones as loaded), none of the frozen ones with
+        `exclude_frozen_parameters`. Returns the ranks' final weights and the checkpoint."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
+
+        run = f"frozen-{nproc}ranks"
+        results = self.hop(run, nproc, 2, extra=["--freeze", frozen])
+        final = whole_state(results, "final", 2)["param"]
+        checkpoint = str(self.tmp / run)
+        weights = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint)
+        self.assertEqual(sorted(weights), sorted(final))
+        for name, tensor in final.items():
+            self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
+        loaded = dict(AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32).named_parameters())
+        for name in final:
+            if re.search(frozen, name):
+                self.assertTrue(torch.equal(weights[name], loaded[name]), f"{name}: frozen, but not as loaded")
+        trained = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint, exclude_frozen_parameters=True)
+        self.assertEqual(sorted(trained), sorted(name for name in final if not re.search(frozen, name)))
+        return final, checkpoint
 
     @pytest.mark.topology
     @unittest.skipUnless(FULL, "make test-multinode runs it (EPFORK_MULTINODE_FULL=1)")

@@ -166,6 +166,27 @@ def _expert_rules_for_zero3(ep_plan: dict[str, str]) -> dict[str, str]:
     return {name: style for name, style in ep_plan.items() if style in _EXPERT_PARALLEL_STYLES}
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def offload_device(offload) -> str:
+    """
+    Where a ZeRO offload setting puts its tensors: "none", "cpu" or "nvme". `offload` is a section of a DeepSpeed config
+    (`zero_optimization.offload_param` or `offload_optimizer`, a dict as in a JSON file or `TrainingArguments
+    (deepspeed=dict)`), what the engine's `zero_offload_param()` / `zero_offload_optimizer()` return (DeepSpeed's config
+    object), or None when the config has no such section. Every check of the fork reads the device through here, never
+    the section's truth: `accelerate config` writes `offload_param: {device: none}` for "no offload", which is a
+    non-empty dict, and for which the engine returns a config object, truthy, whose device is `none`.
+    """
+    if offload is None:
+        return "none"
+    device = offload.get("device", "none") if isinstance(offload, dict) else getattr(offload, "device", "none")
+    device = str(getattr(device, "value", device) or "none").lower()  # DeepSpeed's `OffloadDeviceEnum`, or a string
+    if device not in OFFLOAD_DEVICES:
+        raise ValueError(f"Unknown ZeRO offload device {device!r}: DeepSpeed takes one of {OFFLOAD_DEVICES}.")
+    return device
+
+
 def check_expert_parallel_deepspeed_support(distributed_config):
     """
     Refuse the DeepSpeed settings that would train an expert-parallel model silently wrong, when a DeepSpeed config is

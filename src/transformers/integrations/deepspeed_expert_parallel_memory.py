@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..utils import is_torch_available
+from .deepspeed_expert_parallel import offload_device
 
 
 if is_torch_available():
@@ -109,7 +110,8 @@ class ZeroOptions:
             return int(found)
 
         def offloads(key):
-            return str((zero.get(key) or {}).get("device", "none")).lower() == "cpu"
+            # To the host; NVMe offload is not modelled (its states would count as on the GPU)
+            return offload_device(zero.get(key)) == "cpu"
 
         defaults = cls()
         options = dict(

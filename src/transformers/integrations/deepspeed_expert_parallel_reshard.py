@@ -42,7 +42,7 @@ from functools import wraps
 from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
-from .deepspeed_expert_parallel import errors_raised_on_every_rank
+from .deepspeed_expert_parallel import errors_raised_on_every_rank, offload_device
 
 
 if is_torch_available():
@@ -345,15 +345,29 @@ def _load_engine_counters(engine, saved: SavedZero3Checkpoint, load_lr_scheduler
 
 
 def _check_engine_supported(engine):
+    """
+    A ZeRO-3 engine, with its partitions in memory: offload to the CPU is fine (the partitions and the fp32 master are
+    written where they live), NVMe offload is not (they are swapped out to files the loader does not write). The
+    offload device is read from the config (`offload_device`): accelerate's generated config says "no offload" with
+    `{device: none}` sections.
+    """
     if not engine.zero_optimization_partition_weights():
         raise NotImplementedError(
             "load_checkpoint_on_new_topology loads DeepSpeed ZeRO stage 3 checkpoints into a ZeRO-3 engine; this "
             f"engine runs ZeRO stage {engine.zero_optimization_stage()}."
         )
-    if engine.zero_offload_param() or engine.zero_nvme_offload_optimizer():
+    on_nvme = [
+        what for what, offload in (("parameters", engine.zero_offload_param()),
+                                   ("optimizer states", engine.zero_offload_optimizer()))
+        if offload_device(offload) == "nvme"
+    ]
+    if on_nvme:
         raise NotImplementedError(
-            "load_checkpoint_on_new_topology does not support parameter offload or NVMe optimizer offload: resume "
-            "without them, save a checkpoint, and turn them on again."
+            f"load_checkpoint_on_new_topology does not support NVMe offload (here of the {' and '.join(on_nvme)}): "
+            "it writes each rank's partitions in memory, where NVMe offload swaps them out. Resume on the new "
+            'topology with offload to the CPU (`{"device": "cpu"}`) or none, save a checkpoint there '
+            "(`engine.save_checkpoint`), then resume from that checkpoint with NVMe offload on the same topology "
+            "(DeepSpeed's own `load_checkpoint`)."
         )
 
 

@@ -11,11 +11,13 @@ ranks like every other parameter), which is what EP size 1 means under DeepSpeed
 ``accelerate`` (``accelerator.load_state`` under ``accelerate launch``); ``--entry trainer`` trains with the
 ``Trainer`` instead (rows in order, a checkpoint every ``--save-steps`` into ``--output-dir``), resuming with its
 ``resume_from_checkpoint``; ``--zero-moments`` zeroes Adam's moments after
-the load (negative control). Reported per rank: losses, the parameters and Adam moments right after the load and at
-the end (dense whole, experts this rank's EP slice), the rank's EP rank. Nothing is asserted here.
+the load (negative control); ``--freeze REGEX`` leaves the parameters it matches untrained. Reported per rank: losses,
+the parameters and Adam moments right after the load and at the end (dense whole, experts this rank's EP slice), the
+rank's EP rank. Nothing is asserted here.
 """
 
 import argparse
+import re
 import traceback
 
 import torch
@@ -43,6 +45,13 @@ def parse_args():
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed")
     parser.add_argument("--output-dir", default=None, help="Trainer: where its checkpoints go")
     parser.add_argument("--save-steps", type=int, default=None, help="Trainer: checkpoint every N steps")
+    parser.add_argument("--offload", choices=["optimizer", "param"], nargs="*", default=[],
+                        help="ZeRO-3 offload of the optimizer state and/or the parameters to the CPU")
+    parser.add_argument("--freeze", default=None,
+                        help="a regular expression: the parameters whose names it matches are not trained")
+    parser.add_argument("--launch-config", action="store_true",
+                        help="under accelerate launch: keep the DeepSpeed config accelerate built from the launch's "
+                             "yaml (e.g. the one `accelerate config` writes), filling in only the micro batch size")
     return parser.parse_args()
 
 
@@ -52,14 +61,28 @@ def global_batch(args, step: int, vocab_size: int) -> torch.Tensor:
 
 
 def deepspeed_config(args) -> dict:
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    for what in args.offload:
+        zero[f"offload_{what}"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": args.global_batch // world_size(),
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
+        # the torch optimizer as given, not DeepSpeed's CPU Adam (a compiled op), with optimizer offload
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+
+
+def offloaded(engine) -> list[str]:
+    """What the engine offloads, read as the fork reads it (the device, `none` for a `{device: none}` section)."""
+    from transformers.integrations.deepspeed_expert_parallel import offload_device
+
+    return sorted(what for what, offload in (("optimizer", engine.zero_offload_optimizer()),
+                                             ("param", engine.zero_offload_param()))
+                  if offload_device(offload) != "none")
 
 
 def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
@@ -71,8 +94,9 @@ def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
             state["param"][name] = param.data.detach().clone()
-        for key in MOMENT_KEYS:
-            state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone()
+        if param.requires_grad:  # frozen parameters have no optimizer state
+            for key in MOMENT_KEYS:
+                state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone()
     return state
 
 
@@ -135,7 +159,8 @@ def main():
     from transformers.distributed import DistributedConfig
     from transformers.integrations.deepspeed_expert_parallel_reshard import load_checkpoint_on_new_topology
 
-    if args.resume_with == "accelerate":
+    with_accelerate = args.resume_with == "accelerate" or args.launch_config
+    if with_accelerate:
         registered = start_accelerator()
     else:
         init_process_group()
@@ -147,9 +172,17 @@ def main():
         args.checkpoint, distributed_config=distributed_config, dtype=torch.float32
     )
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    if args.resume_with == "accelerate":
-        registered.state.deepspeed_plugin.deepspeed_config.update(deepspeed_config(args))
+    if args.freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad_(re.search(args.freeze, name) is None)
+    trained = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    if with_accelerate:
+        launched = registered.state.deepspeed_plugin.deepspeed_config
+        if args.launch_config:  # what the yaml leaves to "auto" and no data loader tells accelerate here
+            launched["train_micro_batch_size_per_gpu"] = deepspeed_config(args)["train_micro_batch_size_per_gpu"]
+        else:
+            launched.update(deepspeed_config(args))
         engine, optimizer = registered.prepare(model, optimizer)
     else:
         import deepspeed
@@ -197,6 +230,11 @@ def main():
         world_size=world_size(),
         ep_rank=mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0,
         global_steps=engine.global_steps,
+        offloaded=offloaded(engine),
+        # What the engine's accessors return: None without a section, else the config object, with its device
+        offload_sections={what: None if section is None else str(getattr(section.device, "value", section.device))
+                          for what, section in (("optimizer", engine.zero_offload_optimizer()),
+                                                ("param", engine.zero_offload_param()))},
     )
     dist.barrier()
     return record

@@ -212,6 +212,8 @@ def register_deepspeed(args):
 def train_deepspeed(args, model, data, record):
     import deepspeed
 
+    from transformers.integrations.deepspeed_expert_parallel import offload_device
+
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(args, model.parameters()),
                                       config=deepspeed_config(args))
     if args.resume_from:
@@ -232,8 +234,9 @@ def train_deepspeed(args, model, data, record):
         if args.aux_loss:
             record["aux_losses"].append(None if outputs.aux_loss is None else outputs.aux_loss.item())
     record["clip"] = engine.gradient_clipping()
-    record["offloaded"] = sorted(w for w, on in [("optimizer", engine.zero_offload_optimizer()),
-                                                 ("param", engine.zero_offload_param())] if on)
+    record["offloaded"] = sorted(w for w, section in [("optimizer", engine.zero_offload_optimizer()),
+                                                      ("param", engine.zero_offload_param())]
+                                 if offload_device(section) != "none")
     if args.save_checkpoint:
         engine.save_checkpoint(args.save_checkpoint)
     return engine
