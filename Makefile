@@ -156,7 +156,7 @@ bench-load-dense: install
 	$(PY) benchmarks/load_zero3_dense.py $(BENCH_ARGS)
 
 # Family sweep (benchmarks/family_sweep/): tiny model of each MoE family with an EP plan, 2 CPU ranks each, load /
-# train / save parity with one process, about 10 min; FAMILIES="gpt_oss deepseek_v3" for some.
+# train / save parity with one process, about 13 min (51 configurations); FAMILIES="gpt_oss deepseek_v3" for some.
 FAMILIES ?=
 sweep-families: install
 	$(PATCHQ) assemble --quiet
