@@ -184,6 +184,17 @@ class ZeroToFp32ScriptTest(unittest.TestCase):
             self.run_script(self.checkpoint, out, "--dtype", dtype, script=self.checkpoint / "zero_to_torch.py")
         self.assert_weights(torch.load(out / "pytorch_model.bin", weights_only=True), torch_dtype)
 
+    def test_runs_from_its_source_file_too(self):
+        """As a separate process, from where it lives in the package: beside transformers' `integrations/deepspeed.py`,
+        which Python would import as DeepSpeed from the script's folder."""
+        from tests.fork_utils.launcher import run_commands
+
+        out = self.tmp / "out"
+        [result] = run_commands([[sys.executable, SCRIPT, self.checkpoint, out, "-d"]], timeout=120)
+        self.assertEqual(result.returncode, 0, result.output[-3000:])
+        self.assert_weights(torch.load(out / "pytorch_model.bin", weights_only=True))
+        self.assertIn("tensors in", result.output, "-d: the fork's steps")
+
     def test_without_the_fork_it_says_what_to_install(self):
         with mock.patch.dict(sys.modules, {"transformers.integrations": None}):
             with self.assertRaises(SystemExit) as raised:

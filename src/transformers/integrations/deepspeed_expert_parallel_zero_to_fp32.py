@@ -31,6 +31,7 @@ here.
 """
 
 import argparse
+import os
 import sys
 
 
@@ -49,14 +50,17 @@ _MISSING = (
 
 
 def _reader():
-    """The fork's checkpoint module, DeepSpeed's debug output as asked; a clear exit when it cannot be imported."""
+    """
+    The fork's checkpoint module; a clear exit when it cannot be imported. `debug` shows the conversion's steps (the
+    fork's log at info level), not DeepSpeed's debug prints, which stop every ZeRO-3 conversion in DeepSpeed 0.19.8
+    (`AttributeError: 'list' object has no attribute 'shape'`, also with DeepSpeed's own script).
+    """
     try:
-        from deepspeed.utils import zero_to_fp32
+        import deepspeed  # noqa: F401  (the checkpoint files hold DeepSpeed's objects)
 
         from transformers.integrations import deepspeed_expert_parallel_checkpoint
     except ImportError as error:
         raise SystemExit(_MISSING.format(error=f"{type(error).__name__}: {error}")) from error
-    zero_to_fp32.debug = debug  # what DeepSpeed's own script sets, for the checkpoints it converts
     if debug:
         from transformers.utils import logging
 
@@ -109,8 +113,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _not_from_own_folder():
+    """
+    Python puts a script's folder first on its path: the packages must not come from there. The fork's copy of this
+    script sits beside transformers' `integrations/deepspeed.py`, which would be imported as DeepSpeed.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [path for path in sys.path if os.path.abspath(path or os.curdir) != here]
+
+
 def main(argv=None):
     global debug
+    _not_from_own_folder()
     args = parse_args(argv)
     debug = args.debug
     convert_zero_checkpoint_to_fp32_state_dict(
