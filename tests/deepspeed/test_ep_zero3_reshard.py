@@ -14,9 +14,12 @@ EP size 1 is a model loaded without a `DistributedConfig`: plain ZeRO-3, every p
 `make test` runs the 2-rank chains; `make test-multinode` (EPFORK_MULTINODE_FULL=1) also the 4-rank one (80 s here).
 """
 
+import json
 import os
 import re
+import runpy
 import shutil
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -25,10 +28,11 @@ from unittest import mock
 import pytest
 import torch
 from parameterized import parameterized
+from safetensors.torch import load_file
 
 from tests.fork_utils.accelerate_config import generated_accelerate_yaml
 from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_abs_diff, max_diff
-from tests.fork_utils.launcher import launch
+from tests.fork_utils.launcher import launch, run_commands
 from tests.fork_utils.tiny_models import make_checkpoint
 
 
@@ -71,6 +75,17 @@ def train_reference(checkpoint, steps: int, chunks: int = 1):
     for key in MOMENT_KEYS:
         state[key] = {name: optimizer.state[param][key].clone() for name, param in model.named_parameters()}
     return losses, state
+
+
+def read_converted(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `zero_to_fp32.py` output folder: `pytorch_model*.bin` or `model*.safetensors` files."""
+    tensors = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            tensors.update(load_file(path))
+        elif path.suffix == ".bin":
+            tensors.update(torch.load(path, weights_only=True))
+    return tensors
 
 
 def whole_state(results: dict, key: str, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -242,6 +257,71 @@ class EPZero3ReshardTest(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
                 offline.get_fp32_state_dict_from_zero_checkpoint(str(self.tmp / ep_checkpoint))
 
+    def test_zero_to_fp32_py_in_the_checkpoint_folder(self):
+        """`python <checkpoint>/zero_to_fp32.py <checkpoint> <out>` as users run it, in processes without GPUs. The EP
+        checkpoint's folder holds the fork's script: its `pytorch_model.bin`, and its safetensors shards and index
+        (`--safe_serialization --max_shard_size`), hold every expert, equal bit for bit to what the ranks ended with
+        and at parity with one process. On the checkpoint without EP the fork's script writes DeepSpeed's files, byte
+        for byte those of DeepSpeed's own script (in that checkpoint's folder). Negative control: with the
+        expert-parallel part switched off, the fork's script fails on the EP checkpoint as DeepSpeed's does."""
+        import deepspeed
+
+        from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
+
+        ep_name, final = self.first_hop()
+        ep, plain = self.tmp / ep_name, self.checkpoint_without_ep()
+        ours, deepspeeds = ep / "zero_to_fp32.py", plain / "zero_to_fp32.py"
+        self.assertEqual(ours.read_bytes(), Path(offline.RECOVERY_SCRIPT).read_bytes(), "not the fork's script")
+        deepspeed_script = Path(deepspeed.__file__).parent / "utils" / "zero_to_fp32.py"
+        self.assertEqual(deepspeeds.read_bytes(), deepspeed_script.read_bytes(), "a model without EP: DeepSpeed's")
+
+        out = self.tmp / "zero_to_fp32"
+        sharded = ["--safe_serialization", "--max_shard_size", "100KB"]
+        runs = {
+            "ep": [ours, ep, out / "ep"],
+            "ep-sharded": [ours, ep, out / "ep-sharded", *sharded],
+            "plain-ours": [ours, plain, out / "plain-ours"],
+            "plain-deepspeeds": [deepspeeds, plain, out / "plain-deepspeeds"],
+            "plain-ours-sharded": [ours, plain, out / "plain-ours-sharded", *sharded],
+            "plain-deepspeeds-sharded": [deepspeeds, plain, out / "plain-deepspeeds-sharded", *sharded],
+        }
+        results = run_commands([[sys.executable, *args] for args in runs.values()], timeout=TIMEOUT)
+        for name, result in zip(runs, results):
+            self.assertEqual(result.returncode, 0, f"{name}: {result.command}\n{result.output[-3000:]}")
+
+        weights = torch.load(out / "ep" / "pytorch_model.bin", weights_only=True)
+        self.assertEqual(os.listdir(out / "ep"), ["pytorch_model.bin"])
+        self.assertEqual(sorted(weights), sorted(final["param"]))
+        for name, tensor in final["param"].items():
+            self.assertEqual(weights[name].dtype, torch.float32, name)
+            self.assertTrue(torch.equal(weights[name], tensor), f"{name}: not the weights the ranks ended with")
+        self.assert_close_to_reference(weights, "param", STEPS_PER_HOP, 2)
+
+        shards = sorted(os.listdir(out / "ep-sharded"))
+        index = json.loads((out / "ep-sharded" / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        self.assertGreater(len(files), 1)
+        self.assertEqual(files, [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)])
+        self.assertEqual(shards, sorted([*files, "model.safetensors.index.json"]))
+        sharded_weights = read_converted(out / "ep-sharded")
+        self.assertEqual(sorted(sharded_weights), sorted(weights))
+        for name, tensor in weights.items():
+            self.assertTrue(torch.equal(sharded_weights[name], tensor), f"{name}: the shards differ from the .bin")
+        plain_index = json.loads((out / "plain-deepspeeds-sharded" / "model.safetensors.index.json").read_text())
+        self.assertEqual(index["metadata"], plain_index["metadata"], "not the same model's total size")
+
+        for twin in ("", "-sharded"):
+            ours_out, deepspeeds_out = out / f"plain-ours{twin}", out / f"plain-deepspeeds{twin}"
+            self.assertEqual(sorted(os.listdir(ours_out)), sorted(os.listdir(deepspeeds_out)))
+            for name in os.listdir(deepspeeds_out):
+                self.assertEqual((ours_out / name).read_bytes(), (deepspeeds_out / name).read_bytes(), name)
+        self.assert_close_to_reference(read_converted(out / "plain-ours"), "param", 2 * STEPS_PER_HOP, 2)
+
+        with mock.patch.object(offline, "is_expert_parallel_checkpoint", return_value=False), \
+                mock.patch.object(sys, "argv", [str(ours), str(ep), str(out / "switched-off")]):
+            with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
+                runpy.run_path(str(ours), run_name="__main__")
+
     def test_fp32_weights_read_offline_with_frozen_experts_and_embeddings(self):
         """2 ranks, EP 2, the experts and the embeddings frozen (trained: attention, norms, routers, head): the reader
         returns every parameter equal bit for bit to what the ranks ended with (the frozen ones as loaded, whole), and
@@ -283,6 +363,16 @@ class EPZero3ReshardTest(unittest.TestCase):
                 self.assertTrue(torch.equal(weights[name], loaded[name]), f"{name}: frozen, but not as loaded")
         trained = offline.get_fp32_state_dict_from_zero_checkpoint(checkpoint, exclude_frozen_parameters=True)
         self.assertEqual(sorted(trained), sorted(name for name in final if not re.search(frozen, name)))
+        # The same through the checkpoint folder's `zero_to_fp32.py` (the fork's), run here
+        script, out = os.path.join(checkpoint, "zero_to_fp32.py"), self.tmp / f"{run}-zero_to_fp32"
+        for extra, names in (([], final), (["--exclude_frozen_parameters"], trained)):
+            with mock.patch.object(sys, "argv", [script, checkpoint, str(out), *extra]):
+                runpy.run_path(script, run_name="__main__")
+            converted = read_converted(out)
+            self.assertEqual(sorted(converted), sorted(names), extra)
+            for name in names:
+                self.assertTrue(torch.equal(converted[name], weights[name]), f"{name}: the script's differs")
+            shutil.rmtree(out)
         return final, checkpoint
 
     @pytest.mark.topology

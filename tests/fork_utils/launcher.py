@@ -334,3 +334,39 @@ def _collect_ranks(results: Path) -> dict[int, RankOutcome]:
             # On CPU whatever device the rank ran on (NCCL runs), to compare with references computed here
             outcome.result = torch.load(path, weights_only=False, map_location="cpu")
     return ranks
+
+
+@dataclass
+class CommandResult:
+    command: list[str]
+    returncode: int | None  # None: the commands ran past their timeout and were killed
+    output: str
+
+
+def run_commands(commands: list[list[str]], timeout: float = 120, env: dict[str, str] | None = None):
+    """
+    Plain commands side by side (e.g. the offline tools users run on a checkpoint, each one process), in the
+    environment of launched jobs (this checkout's transformers first, no GPU) and under the same hard timeout: past
+    it, each is killed with everything it started. Returns each one's exit code and output, in order.
+    """
+    logs = Path(tempfile.mkdtemp(prefix="epfork-commands-"))
+    tag = uuid.uuid4().hex
+    child_env = child_environment(tag, logs, "gloo", env)
+    processes, outputs = [], []
+    start = time.monotonic()
+    try:
+        for index, command in enumerate(commands):
+            outputs.append(open(logs / f"{index}.log", "wb"))
+            processes.append(subprocess.Popen(
+                [str(part) for part in command], stdout=outputs[-1], stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=child_env, cwd=str(REPO_ROOT), start_new_session=True,
+            ))
+        end = wait_for_job(tag, processes, start + timeout)
+    finally:
+        for output in outputs:
+            output.close()
+    return [
+        CommandResult([str(part) for part in command], None if end.timed_out else proc.returncode,
+                      (logs / f"{index}.log").read_text(encoding="utf-8", errors="replace"))
+        for index, (command, proc) in enumerate(zip(commands, processes))
+    ]

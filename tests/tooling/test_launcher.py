@@ -1,6 +1,7 @@
 """The launcher helper must bound every job, kill all it started, and report each rank's failure."""
 
 import os
+import sys
 import textwrap
 import time
 import unittest
@@ -132,3 +133,25 @@ class LauncherTest(unittest.TestCase):
             self.assertEqual(value["rank"], rank)
             self.assertEqual(value["sum"].item(), 3.0)
 
+
+
+class RunCommandsTest(unittest.TestCase):
+    """`run_commands`: plain commands side by side, with this checkout's transformers and the launcher's hard timeout."""
+
+    def test_exit_codes_and_outputs_in_order(self):
+        from tests.fork_utils.launcher import run_commands
+
+        code = "import sys, transformers; print(transformers.__file__); sys.exit({})"
+        results = run_commands([[sys.executable, "-c", code.format(0)], [sys.executable, "-c", code.format(3)]],
+                               timeout=60)
+        self.assertEqual([result.returncode for result in results], [0, 3])
+        for result in results:
+            self.assertTrue(result.output.strip().startswith(str(REPO_ROOT / "src")), result.output)
+
+    def test_past_the_timeout_everything_is_killed(self):
+        from tests.fork_utils.launcher import run_commands
+
+        start = time.monotonic()
+        results = run_commands([[sys.executable, "-c", "import time; time.sleep(60)"]], timeout=2)
+        self.assertLess(time.monotonic() - start, 30)
+        self.assertIsNone(results[0].returncode)

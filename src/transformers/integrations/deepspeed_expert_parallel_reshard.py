@@ -534,8 +534,12 @@ def reshard_in_deepspeed_load_checkpoint():
     """
     Called when a model is handed over to DeepSpeed (`prepare_expert_parallel_model_for_deepspeed`): from then on,
     `engine.load_checkpoint` and `accelerator.load_state` resume expert-parallel models on any topology
-    (`_reshard_expert_parallel_checkpoints_too`).
+    (`_reshard_expert_parallel_checkpoints_too`); and the checkpoints `engine.save_checkpoint` writes for them carry
+    the fork's `zero_to_fp32.py`, which reads them offline (`write_own_recovery_script_in_deepspeed_checkpoints`).
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
 
+    from .deepspeed_expert_parallel_checkpoint import write_own_recovery_script_in_deepspeed_checkpoints
+
     _reshard_expert_parallel_checkpoints_too(DeepSpeedEngine)
+    write_own_recovery_script_in_deepspeed_checkpoints()
