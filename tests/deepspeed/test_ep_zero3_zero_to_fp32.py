@@ -22,6 +22,7 @@ import torch
 from parameterized import parameterized
 from safetensors.torch import load_file
 
+from tests.deepspeed.test_ep_zero3_reshard import read_converted
 from transformers.integrations import deepspeed_expert_parallel_checkpoint as offline
 
 
@@ -88,16 +89,6 @@ def partition(tensor: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
     return flat[rank * size:(rank + 1) * size]
 
 
-def read_output(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            tensors.update(load_file(path))
-        elif path.suffix == ".bin":
-            tensors.update(torch.load(path, weights_only=True))
-    return tensors
-
-
 class ZeroToFp32ScriptTest(unittest.TestCase):
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp(prefix="ep-zero-to-fp32-"))
@@ -151,7 +142,7 @@ class ZeroToFp32ScriptTest(unittest.TestCase):
             tensors = load_file(out / shard) if safe else torch.load(out / shard, weights_only=True)
             stored.update({name: shard for name in tensors})
         self.assertEqual(stored, index["weight_map"])
-        self.assert_weights(read_output(out))
+        self.assert_weights(read_converted(out))
         if tied:
             self.assertEqual(index["weight_map"]["lm_head.weight"], index["weight_map"]["embed.weight"])
         counted_once = [name for name in self.expected if name != "lm_head.weight"]
