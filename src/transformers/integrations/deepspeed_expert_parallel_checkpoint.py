@@ -119,19 +119,22 @@ def _buffers(saved: SavedZero3Checkpoint) -> dict:
     }
 
 
-def _frozen_whole_tensor(saved: SavedZero3Checkpoint, name: str, shape) -> "torch.Tensor":
+def _frozen_whole_tensor(saved: SavedZero3Checkpoint, name: str, shape, expert_parallel: bool = True) -> "torch.Tensor":
     """
     A frozen parameter, whole: its partitions concatenated within their group, and for an expert the groups' slices
     in the order of their expert-parallel ranks (EP rank e's group holds the ranks e, e + P, ..., as for trained
     experts, `SavedZero3Checkpoint.whole_tensor`). In the dtype it was saved in, as DeepSpeed's reader returns frozen
-    parameters.
+    parameters. Without `expert_parallel` every parameter was partitioned over all ranks.
     """
     world_size = saved.world_size
     fragments = [saved.model_states[rank]["frozen_param_fragments"][name].reshape(-1) for rank in range(world_size)]
     numel = shape.numel()
     if numel == 0:
         return fragments[0].new_empty(shape)
-    group_size = _frozen_partition_size(numel, fragments[0].numel(), world_size)
+    if expert_parallel:
+        group_size = _frozen_partition_size(numel, fragments[0].numel(), world_size)
+    else:
+        group_size = world_size
     if group_size is None:
         raise NotImplementedError(
             f"{saved.checkpoint_dir}: the frozen parameter `{name}` ({numel} elements) is too small to tell over which "
@@ -143,7 +146,7 @@ def _frozen_whole_tensor(saved: SavedZero3Checkpoint, name: str, shape) -> "torc
     return torch.cat(slices) if ep_size > 1 else slices[0]
 
 
-class _Unread(NamedTuple):
+class Unread(NamedTuple):
     """
     A tensor of the checkpoint not read yet: its shape and dtype are enough to plan the output's shards, and `read`
     gives it when its shard is written, so that a conversion holds one shard's tensors at a time, as DeepSpeed's does.
@@ -155,14 +158,14 @@ class _Unread(NamedTuple):
 
 
 def _read(value) -> "torch.Tensor":
-    return value.read() if isinstance(value, _Unread) else value
+    return value.read() if isinstance(value, Unread) else value
 
 
-def _frozen_parameters(saved: SavedZero3Checkpoint) -> dict:
+def _frozen_parameters(saved: SavedZero3Checkpoint, expert_parallel: bool = True) -> dict:
     shapes = _frozen_shapes(saved.model_states[0])
     fragments = saved.model_states[0].get("frozen_param_fragments") or {}
     return {
-        name: _Unread(shape, fragments[name].dtype, partial(_frozen_whole_tensor, saved, name, shape))
+        name: Unread(shape, fragments[name].dtype, partial(_frozen_whole_tensor, saved, name, shape, expert_parallel))
         for name, shape in shapes.items()
     }
 
@@ -176,17 +179,23 @@ def _whole_shape(saved: SavedZero3Checkpoint, name: str) -> "torch.Size":
 
 
 def _expert_parallel_unread_state_dict(checkpoint_dir: str, exclude_frozen_parameters: bool) -> dict:
+    return unread_state_dict(SavedZero3Checkpoint(checkpoint_dir), exclude_frozen_parameters)
+
+
+def unread_state_dict(saved: SavedZero3Checkpoint, exclude_frozen_parameters: bool, expert_parallel: bool = True) -> dict:
     """
     Every tensor of the state dict DeepSpeed's reader would return, in its order (buffers, frozen parameters, trained
-    parameters, tied names last), read lazily (`_Unread`) except the buffers. Tied weights were saved once, under one
-    of their names: the other names get the same value, so that they stay one tensor once read.
+    parameters, tied names last), read lazily (`Unread`) except the buffers. Tied weights were saved once, under one
+    of their names: the other names get the same value, so that they stay one tensor once read. Without
+    `expert_parallel` (a checkpoint of a model without expert parallelism) the frozen parameters were partitioned
+    over all ranks.
     """
-    saved = SavedZero3Checkpoint(checkpoint_dir)
+    checkpoint_dir = saved.checkpoint_dir
     state_dict = _buffers(saved)
     if not exclude_frozen_parameters:
-        state_dict.update(_frozen_parameters(saved))
+        state_dict.update(_frozen_parameters(saved, expert_parallel))
     for name in saved.groups:
-        state_dict[name] = _Unread(_whole_shape(saved, name), torch.float32, partial(saved.whole_tensor, name, "fp32"))
+        state_dict[name] = Unread(_whole_shape(saved, name), torch.float32, partial(saved.whole_tensor, name, "fp32"))
     for name, saved_as in saved.model_states[0].get("shared_params", {}).items():
         if saved_as in state_dict:
             state_dict[name] = state_dict[saved_as]

@@ -41,7 +41,9 @@ import shutil
 import socket
 import struct
 import uuid
+from collections.abc import Callable
 from functools import wraps
+from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
 from .deepspeed_expert_parallel import _raise_on_every_rank_if_any_failed
@@ -400,6 +402,220 @@ def _meta_state_dict(model, tensors, full_shape):
     return remove_tied_weights_from_state_dict(meta, model)
 
 
+class CheckpointPlan(NamedTuple):
+    """
+    What a save writes, decided from shapes and dtypes alone before anything is gathered or written, the same on
+    every rank (`plan_checkpoint`).
+    """
+
+    # The tensors to save under the model's names, as meta tensors of their full shape, tied copies removed
+    meta_state_dict: dict
+    # Shard file name -> the names of the tensors it holds (huggingface_hub's split)
+    shards: dict
+    # Per shard, in the order of `shards`: its meta tensors converted back to the original key layout
+    converted_shards: list
+    # The reverse weight conversion, a state dict to a state dict (the identity with `save_original_format=False`)
+    revert: Callable
+    weights_name: str
+    index_name: str
+    is_sharded: bool
+    # The index's metadata (total size)
+    metadata: dict
+
+
+def plan_checkpoint(model, meta_state_dict, max_shard_size, variant=None, save_original_format=True) -> CheckpointPlan:
+    """
+    1. The plan: the shards from the full shapes and dtypes (`meta_state_dict`), then the reverse weight conversion
+    (`revert_weight_conversion`) shard by shard, checked up front to give the keys and shapes converting the whole
+    state dict at once gives: a conversion needing tensors of two shards would fail, or silently lose keys, on one
+    shard alone.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from ..core_model_loading import revert_weight_conversion
+    from ..modeling_utils import _add_variant
+    from ..utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    weights_name = _add_variant(SAFE_WEIGHTS_NAME, variant)
+    split = split_torch_state_dict_into_shards(
+        meta_state_dict,
+        filename_pattern=weights_name.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size,
+    )
+
+    def revert(shard_state_dict):
+        return revert_weight_conversion(model, shard_state_dict) if save_original_format else shard_state_dict
+
+    whole = revert(dict(meta_state_dict))
+    try:
+        converted_shards = [
+            revert({name: meta_state_dict[name] for name in names}) for names in split.filename_to_tensors.values()
+        ]
+        conversion_error = None
+    except Exception as e:
+        converted_shards, conversion_error = [], e
+    if (
+        conversion_error is not None
+        or sorted(key for converted in converted_shards for key in converted) != sorted(whole)
+        or any(converted[key].shape != whole[key].shape for converted in converted_shards for key in converted)
+    ):
+        raise RuntimeError(
+            "Some weights are converted back to the original checkpoint format from several weights that fall in "
+            "different shard files. Try another `max_shard_size`, or set `save_original_format=False`."
+        ) from conversion_error
+    return CheckpointPlan(
+        meta_state_dict=meta_state_dict,
+        shards={file_name: list(names) for file_name, names in split.filename_to_tensors.items()},
+        converted_shards=converted_shards,
+        revert=revert,
+        weights_name=weights_name,
+        index_name=_add_variant(SAFE_WEIGHTS_INDEX_NAME, variant),
+        is_sharded=split.is_sharded,
+        metadata=split.metadata,
+    )
+
+
+def _create_staging_directory(save_directory):
+    """The target directory (created if needed, the leftovers of killed saves removed) and a new staging one in it."""
+    directory = os.path.realpath(save_directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    os.makedirs(directory, exist_ok=True)
+    _remove_killed_saves(directory)
+    staging = os.path.join(directory, _staging_directory_name())
+    os.mkdir(staging)
+    return staging
+
+
+def _write_shard(plan, staging, shard_file, names, converted, fetch, is_writer, release_memory):
+    """
+    3. One shard: `fetch(name)` (on every rank: in a collective save each fetch is a gather) gives each tensor whole,
+    which the writer converts back to the original layout and streams into the shard file as soon as it has it
+    (`_StreamedSafetensorsFile`), unless a conversion needs several tensors of the shard: it then collects the shard
+    and converts it whole. Returns the keys written and the writer's error (`None` when it succeeded): a writer that
+    failed still fetches every tensor, as the other ranks do.
+    """
+    from safetensors.torch import save_file
+
+    shard, streamed, streamed_keys, error = {}, None, None, None
+    if is_writer:
+        try:
+            streamed_keys = _plan_streamed_shard(plan.revert, plan.meta_state_dict, names, converted)
+            if streamed_keys is not None:
+                streamed = _StreamedSafetensorsFile(
+                    os.path.join(staging, shard_file), streamed_keys, metadata={"format": "pt"}
+                )
+        except Exception as e:
+            error = e
+    written = []
+    try:
+        for name in names:
+            tensor = fetch(name)
+            if is_writer and error is None:
+                try:
+                    if streamed is None:
+                        shard[name] = tensor
+                    else:
+                        for key, value in plan.revert({name: tensor}).items():
+                            streamed.write(key, value)
+                except Exception as e:
+                    error = e
+            del tensor
+            if release_memory and plan.meta_state_dict[name].nbytes >= 1 << 20:
+                _release_freed_memory()
+        if is_writer and error is None:
+            try:
+                if streamed is not None:
+                    streamed.finish()
+                    written = list(streamed_keys)
+                else:
+                    shard = plan.revert(shard)
+                    save_file(
+                        {key: value.contiguous() for key, value in shard.items()},
+                        os.path.join(staging, shard_file),
+                        metadata={"format": "pt"},
+                    )
+                    written = list(shard)
+            except Exception as e:
+                error = e
+    finally:
+        if streamed is not None:
+            streamed.file.close()
+    return written, error
+
+
+def _write_index_and_configs(model, staging, plan, weight_map):
+    """The index of a sharded checkpoint, the remote code, the generation config, and `config.json` last."""
+    from ..dynamic_module_utils import custom_object_save
+
+    if plan.is_sharded:
+        parameter_names = {name for name, _ in model.named_parameters()}
+        total_parameters = sum(t.numel() for name, t in plan.meta_state_dict.items() if name in parameter_names)
+        index = {"metadata": {"total_parameters": total_parameters, **plan.metadata}, "weight_map": weight_map}
+        with open(os.path.join(staging, plan.index_name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if model.is_remote_code():
+        custom_object_save(model, staging, config=model.config)
+    if model.can_generate():
+        model.generation_config.save_pretrained(staging)
+    # Last: a directory without `config.json` does not load.
+    model.config.save_pretrained(staging)
+
+
+def write_planned_checkpoint(model, save_directory, plan, fetch, is_writer, exchange_errors, release_memory=False):
+    """
+    Write the checkpoint `plan` describes into `save_directory`, each tensor whole from `fetch(name)` (called on every
+    rank, in the plan's order): the writer (`is_writer`) stages it in a hidden directory inside `save_directory`
+    (2.), writes the shards one tensor at a time (3., `_write_shard`), the index and the configs, `config.json` last,
+    syncs them, then moves them in file by file (4., `_commit_staged_checkpoint`): a save that fails or is killed
+    leaves the previous checkpoint as it was, and no incomplete checkpoint loads. Each step that writes ends with
+    `exchange_errors(error, action)`, which raises the writer's error (on every rank, in a collective save) instead of
+    letting the other ranks wait in the next gather. `release_memory`: hand the memory of each large tensor back to
+    the OS once written (`_release_freed_memory`).
+    """
+    directory = os.path.realpath(save_directory)
+    previous_weights = re.compile(
+        re.escape(plan.weights_name).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
+    )
+    staging = error = None
+    try:
+        if is_writer:
+            try:
+                staging = _create_staging_directory(save_directory)
+            except Exception as e:
+                error = e
+        exchange_errors(error, f"Saving the model (creating a directory in {save_directory})")
+
+        weight_map = {}
+        for (shard_file, names), converted in zip(plan.shards.items(), plan.converted_shards):
+            written, error = _write_shard(plan, staging, shard_file, names, converted, fetch, is_writer, release_memory)
+            weight_map.update(dict.fromkeys(written, shard_file))
+            exchange_errors(error, f"Saving the model (writing {shard_file})")
+
+        if is_writer:
+            try:
+                _write_index_and_configs(model, staging, plan, weight_map)
+                # On disk before they are moved in, so that the moved-in checkpoint is complete after a crash too.
+                for entry in os.scandir(staging):
+                    if entry.is_file():
+                        _fsync(entry.path)
+                _commit_staged_checkpoint(
+                    staging, directory, lambda entry: entry == plan.index_name or previous_weights.fullmatch(entry)
+                )
+            except Exception as e:
+                error = e
+        exchange_errors(error, f"Saving the model (moving it into {save_directory})")
+    finally:
+        if staging is not None and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _raise_here(error, action):
+    """`exchange_errors` of a save written by one process alone: its own error is the only one."""
+    if error is not None:
+        raise error
+
+
 def save_expert_parallel_model_under_zero3(
     model,
     save_directory,
@@ -426,27 +642,12 @@ def save_expert_parallel_model_under_zero3(
       `gather_expert_parallel_state_dict_under_zero3`), on the main rank 0 alone, as `save_pretrained` writes a state
       dict. The other ranks, called without it, do nothing (`_state_dict_sent_to_rank_0`).
 
-    Both write the same way:
-    1. The shards are planned from the full shapes and dtypes alone (meta tensors), the same plan on every rank. The
-       reverse weight conversion (`revert_weight_conversion`) is then applied shard by shard; the plan is checked up
-       front to give the same keys as converting the whole state dict at once.
-    2. The writer converts each tensor back to the original layout and writes it into the current shard
-       (`_StreamedSafetensorsFile`), then writes the index, the generation config and the config (`distributed_config`
-       is not serialized).
-    3. Everything is staged in a hidden directory inside `save_directory`, `config.json` last, synced, then moved in
-       file by file (`_commit_staged_checkpoint`): a save that fails or is killed while writing leaves the previous
-       checkpoint as it was; no incomplete checkpoint loads. The next save removes what a killed one staged.
-    In the collective save, each step that writes ends by sharing its errors with every rank
+    Both go through the same phases: 1. the plan (`plan_checkpoint`, from the full shapes alone, the same on every
+    rank), 2.-4. the gather and the staged, atomic write (`write_planned_checkpoint`), the gather being `fetch`. In the
+    collective save, each step that writes ends by sharing its errors with every rank
     (`_raise_on_every_rank_if_any_failed`), which then all raise instead of waiting for rank 0 in the next gather.
     """
     import torch.distributed as dist
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    from ..core_model_loading import revert_weight_conversion
-    from ..dynamic_module_utils import custom_object_save
-    from ..modeling_utils import _add_variant
-    from ..utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     _refuse_unsupported_save_options(model, push_to_hub, distributed_checkpoint)
     sent_to_rank_0 = _state_dict_sent_to_rank_0(model)
@@ -477,42 +678,9 @@ def save_expert_parallel_model_under_zero3(
         check_expert_parallel_state_dict_is_whole(model, state_dict)
         tensors = {name: t for name, t in state_dict.items() if name not in ignored}
         meta_state_dict = _meta_state_dict(model, tensors, lambda name, t: t.shape)
-        fetch = tensors.get
+        fetch, exchange_errors = tensors.get, _raise_here
 
-        def exchange_errors(error, action):
-            if error is not None:
-                raise error
-
-    # 1. The plan
-    weights_name = _add_variant(SAFE_WEIGHTS_NAME, variant)
-    split = split_torch_state_dict_into_shards(
-        meta_state_dict,
-        filename_pattern=weights_name.replace(".safetensors", "{suffix}.safetensors"),
-        max_shard_size=max_shard_size,
-    )
-
-    def revert(shard_state_dict):
-        return revert_weight_conversion(model, shard_state_dict) if save_original_format else shard_state_dict
-
-    # A conversion needing tensors from two shards would fail, or silently lose keys, on one shard alone.
-    whole = revert(dict(meta_state_dict))
-    try:
-        by_shard = [
-            revert({name: meta_state_dict[name] for name in names}) for names in split.filename_to_tensors.values()
-        ]
-        conversion_error = None
-    except Exception as e:
-        by_shard, conversion_error = [], e
-    if (
-        conversion_error is not None
-        or sorted(key for converted in by_shard for key in converted) != sorted(whole)
-        or any(converted[key].shape != whole[key].shape for converted in by_shard for key in converted)
-    ):
-        raise RuntimeError(
-            "Some weights are converted back to the original checkpoint format from several weights that fall in "
-            "different shard files. Try another `max_shard_size`, or set `save_original_format=False`."
-        ) from conversion_error
-    del whole
+    plan = plan_checkpoint(model, meta_state_dict, max_shard_size, variant, save_original_format)
 
     # The dtype and architecture recorded in the config, as `save_pretrained` does.
     model.config.dtype = str(model.dtype).split(".")[1]
@@ -526,100 +694,6 @@ def save_expert_parallel_model_under_zero3(
             return
     else:
         writers = [0]
-    is_writer = dist.get_rank() in writers
-    directory = os.path.realpath(save_directory)
-    index_name = _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
-    previous_weights = re.compile(
-        re.escape(weights_name).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
+    write_planned_checkpoint(
+        model, save_directory, plan, fetch, dist.get_rank() in writers, exchange_errors, release_memory=collective
     )
-    staging = error = None
-    try:
-        if is_writer:
-            try:
-                if os.path.isfile(directory):
-                    raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-                os.makedirs(directory, exist_ok=True)
-                _remove_killed_saves(directory)
-                staging = os.path.join(directory, _staging_directory_name())
-                os.mkdir(staging)
-            except Exception as e:
-                error = e
-        exchange_errors(error, f"Saving the model (creating a directory in {save_directory})")
-
-        # 2. One shard at a time, one tensor at a time: rank 0 converts each tensor back and writes it as soon as it
-        # is gathered, unless a conversion needs several tensors of the shard (then it converts the shard whole).
-        weight_map = {}
-        for (shard_file, names), converted in zip(split.filename_to_tensors.items(), by_shard):
-            shard, streamed, plan = {}, None, None
-            if is_writer:
-                try:
-                    plan = _plan_streamed_shard(revert, meta_state_dict, names, converted)
-                    if plan is not None:
-                        streamed = _StreamedSafetensorsFile(
-                            os.path.join(staging, shard_file), plan, metadata={"format": "pt"}
-                        )
-                except Exception as e:
-                    error = e
-            for name in names:
-                # A writer that failed still takes part in every gather, as the other ranks do
-                tensor = fetch(name)
-                if is_writer and error is None and streamed is None:
-                    shard[name] = tensor
-                elif is_writer and error is None:
-                    try:
-                        for key, value in revert({name: tensor}).items():
-                            streamed.write(key, value)
-                    except Exception as e:
-                        error = e
-                del tensor
-                if collective and meta_state_dict[name].nbytes >= 1 << 20:
-                    _release_freed_memory()
-            if is_writer and error is None:
-                try:
-                    if streamed is not None:
-                        streamed.finish()
-                        weight_map.update(dict.fromkeys(plan, shard_file))
-                    else:
-                        shard = revert(shard)
-                        save_file(
-                            {key: value.contiguous() for key, value in shard.items()},
-                            os.path.join(staging, shard_file),
-                            metadata={"format": "pt"},
-                        )
-                        weight_map.update(dict.fromkeys(shard, shard_file))
-                except Exception as e:
-                    error = e
-            if streamed is not None:
-                streamed.file.close()
-            del shard
-            exchange_errors(error, f"Saving the model (writing {shard_file})")
-
-        # 3. The index and configs, then the staged checkpoint replaces the previous one.
-        if is_writer:
-            try:
-                if split.is_sharded:
-                    parameter_names = {name for name, _ in model.named_parameters()}
-                    total_parameters = sum(t.numel() for name, t in meta_state_dict.items() if name in parameter_names)
-                    index = {"metadata": {"total_parameters": total_parameters, **split.metadata}}
-                    index["weight_map"] = weight_map
-                    with open(os.path.join(staging, index_name), "w", encoding="utf-8") as f:
-                        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                if model.is_remote_code():
-                    custom_object_save(model, staging, config=model.config)
-                if model.can_generate():
-                    model.generation_config.save_pretrained(staging)
-                # Last: a directory without `config.json` does not load.
-                model.config.save_pretrained(staging)
-                # On disk before they are moved in, so that the moved-in checkpoint is complete after a crash too.
-                for entry in os.scandir(staging):
-                    if entry.is_file():
-                        _fsync(entry.path)
-                _commit_staged_checkpoint(
-                    staging, directory, lambda entry: entry == index_name or previous_weights.fullmatch(entry)
-                )
-            except Exception as e:
-                error = e
-        exchange_errors(error, f"Saving the model (moving it into {save_directory})")
-    finally:
-        if staging is not None and os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
