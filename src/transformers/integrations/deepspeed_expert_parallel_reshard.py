@@ -202,15 +202,12 @@ class SavedZero3Checkpoint:
             raise KeyError(f"{self.checkpoint_dir} holds no optimizer state `{key}` (an optimizer other than Adam?).")
         return state[key]
 
-    def _group_tensor(self, name: str, group: _PartitionGroup, key: str) -> torch.Tensor:
-        """The tensor one partition group held of `name`: the whole parameter, or one expert-parallel rank's slice."""
+    def _partitions(self, name: str, group: _PartitionGroup, key: str) -> list[torch.Tensor]:
+        """The partitions one partition group held of `name`, in order, without their padding."""
         fragments = sorted(self.groups[name][group], key=lambda fragment: fragment.partition_rank)
         if [fragment.partition_rank for fragment in fragments] != list(range(len(group.ranks))):
             raise FileNotFoundError(f"{self.checkpoint_dir}: partitions of `{name}` are missing or repeated.")
-        flat = torch.cat(
-            [self._flat_tensor(f, key).narrow(0, f.offset, f.numel) for f in fragments if f.numel > 0]
-        )
-        return flat.view(self.shapes[f"{name}@{group.ranks}"])
+        return [self._flat_tensor(f, key).narrow(0, f.offset, f.numel) for f in fragments if f.numel > 0]
 
     def whole_tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
         """
@@ -222,14 +219,18 @@ class SavedZero3Checkpoint:
         if name not in self.groups:
             raise KeyError(name)
         groups = sorted(self.groups[name], key=lambda group: group.ranks[0])
+        shapes = [self.shapes[f"{name}@{group.ranks}"] for group in groups]
         if len(groups) == 1 and not groups[0].is_expert:
-            return self._group_tensor(name, groups[0], key)
+            return torch.cat(self._partitions(name, groups[0], key)).view(shapes[0])
         if not all(group.is_expert for group in groups) or [g.ranks[0] for g in groups] != list(range(len(groups))):
             raise ValueError(
                 f"{self.checkpoint_dir}: `{name}` was partitioned over the groups {[g.ranks for g in groups]}, which "
                 "are not the expert-data-parallel groups of consecutive expert-parallel ranks."
             )
-        return torch.cat([self._group_tensor(name, group, key) for group in groups])
+        # The groups' slices follow each other on dim 0: the whole tensor is every group's partitions in order, copied
+        # once (not each group's slice, then the slices again).
+        partitions = [partition for group in groups for partition in self._partitions(name, group, key)]
+        return torch.cat(partitions).view(sum(shape[0] for shape in shapes), *shapes[0][1:])
 
     def client_state(self) -> dict:
         """What `save_checkpoint(client_state=...)` was given, as `load_checkpoint` returns it."""

@@ -28,6 +28,11 @@ checkpoints without expert parallelism to DeepSpeed's own functions: their outpu
 It needs the fork's transformers (and DeepSpeed, whose objects the checkpoint files hold); without them it says so.
 DeepSpeed's `zero_to_torch.py` beside it imports it as `zero_to_fp32` (`--dtype bf16`, ...): the functions it calls are
 here.
+
+For a Hugging Face checkpoint (`config.json`, safetensors in the original key layout, loadable by `from_pretrained`
+anywhere), streamed one tensor at a time:
+
+    python -m transformers.integrations.deepspeed_expert_parallel_export . output_dir/ [--config <model>] [--dtype bf16]
 """
 
 import argparse
