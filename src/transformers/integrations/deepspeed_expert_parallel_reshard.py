@@ -19,9 +19,12 @@ DeepSpeed's own loader (`engine.load_checkpoint`, also behind `accelerator.load_
 `resume_from_checkpoint`) needs the topology the checkpoint was written with: it refuses another data-parallel world
 size ("The checkpoint being loaded used a DP world size of ...") and, for a model whose experts are partitioned over
 expert-data-parallel groups, another placement ("AutoEP ZeRO-3 checkpoints can only be loaded with the same parameter
-placement topology"). Its Universal Checkpoint converter (`ds_to_universal.py`) rebuilds experts only from the metadata
-DeepSpeed's own AutoEP layers write (`ds_autoep_layers`), which transformers' expert modules do not have: it would
-concatenate the partitions of different experts as if they were one tensor's.
+placement topology"). Its Universal Checkpoint does not know transformers' expert modules either: the converter
+(`ds_to_universal`) rebuilds experts only from the metadata DeepSpeed's own AutoEP layers write (`ds_autoep_layers`)
+and otherwise joins the partitions of an expert tensor in rank order, which scrambles the experts of a run with more
+ranks than EP ranks; the loader (`"checkpoint": {"load_universal": true}`) cuts each rank's partition out of the whole
+tensor as if the rank held every expert. The conversion cannot be stopped from here; the load is refused where it
+would be wrong (`refuse_universal_checkpoint_if_wrong`).
 
 `load_checkpoint_on_new_topology(engine, load_dir)` reads the checkpoint files of the old topology instead, which say
 everything needed: for each ZeRO-3 sub-group, the parameters' names and shapes (`param_shapes`, model-states files) and
@@ -439,6 +442,89 @@ def checkpoint_topology_differs(engine, checkpoint_dir: str) -> bool:
     return any(answers)
 
 
+# Where the fork's ways to change topology are described, for the errors that send users there
+_RESHARDING_DOCS = 'docs/ep_deepspeed.md, "Resuming on another topology" and "Universal Checkpoint"'
+# The ZeRO-3 placement family the fork gives expert parameters (as DeepSpeed's AutoEP does), recorded per sub-group
+_EXPERT_FAMILY = "autoep_expert"
+
+
+def _universal_checkpoint_dir(load_dir: str, tag: str | None) -> str | None:
+    """The folder DeepSpeed's universal loader reads: `load_dir/tag`, the tag from `load_dir/latest_universal` (which
+    `ds_to_universal` writes beside its output folder) unless given; None without one (DeepSpeed then raises)."""
+    if tag is None:
+        latest = os.path.join(load_dir, "latest_universal")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+    return os.path.join(load_dir, str(tag))
+
+
+def universal_checkpoint_has_experts(universal_dir: str) -> bool:
+    """
+    Whether the Universal Checkpoint in `universal_dir` (the folder `ds_to_universal` wrote) was converted from a
+    ZeRO-3 checkpoint whose trained experts were partitioned over expert-data-parallel groups (an expert-parallel model
+    of this fork). `ds_to_universal` copies rank 0's optimizer states, with the placement of their sub-groups
+    (`ds_zero_partition_groups`), into `zero/optimizer_state.pt`; a checkpoint without experts partitioned so has
+    none. Frozen parameters are not in a Universal Checkpoint: the model keeps what it loaded.
+    """
+    path = os.path.join(universal_dir, "zero", "optimizer_state.pt")
+    if not os.path.isfile(path):
+        return False  # not a Universal Checkpoint: DeepSpeed's loader says so
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    groups = state.get("ds_zero_partition_groups") or []
+    return any(_EXPERT_FAMILY in group.get("families", ()) for group in groups)
+
+
+def _universal_checkpoint_of_expert_parallel_model_error() -> NotImplementedError:
+    return NotImplementedError(
+        "DeepSpeed's Universal Checkpoint cannot be loaded into an expert-parallel model: its loader "
+        '(`"checkpoint": {"load_universal": true}` in the DeepSpeed config) cuts each parameter\'s ZeRO-3 partition '
+        "out of the whole tensor, where each rank of this model holds the experts of its EP rank only. The fork "
+        "changes the topology itself, from the checkpoint `ds_to_universal` read (the `global_stepN` folder, with its "
+        "`latest` file): remove `load_universal` from the DeepSpeed config and call "
+        "`engine.load_checkpoint(load_dir)` (or `accelerator.load_state`, the Trainer's `resume_from_checkpoint`, "
+        "`load_checkpoint_on_new_topology(engine, load_dir)`), which reshards ZeRO-3 checkpoints, with or without "
+        f"expert parallelism, to any number of ranks and EP size. See {_RESHARDING_DOCS}."
+    )
+
+
+def _universal_checkpoint_with_experts_error(universal_dir: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{universal_dir} is a Universal Checkpoint converted from a checkpoint of an expert-parallel model: "
+        "`ds_to_universal` does not know where transformers' expert-parallel ranks keep their experts and joins the "
+        "partitions of an expert tensor in rank order, which puts experts in the wrong places whenever the run had "
+        "fewer EP ranks than ranks. Load the checkpoint `ds_to_universal` read (the `global_stepN` folder, with its "
+        "`latest` file) without `load_universal` in the DeepSpeed config, with "
+        "`load_checkpoint_on_new_topology(engine, load_dir)` (or the Trainer's `resume_from_checkpoint`), which "
+        f"reshards it for this model and topology. See {_RESHARDING_DOCS}."
+    )
+
+
+def refuse_universal_checkpoint_if_wrong(engine, load_dir: str, tag: str | None = None):
+    """
+    Before DeepSpeed's universal loader runs (`load_universal` in the engine's config), on every rank: refuse what it
+    would load wrong. Into an expert-parallel model, any Universal Checkpoint (its loader partitions whole tensors over
+    the expert-data-parallel group as if each rank held every expert: it stops on a size mismatch or loads other
+    ranks' experts). Into another model, one converted from an expert-parallel checkpoint (`ds_to_universal` scrambles
+    the experts of a run with more ranks than EP ranks). Models with DeepSpeed's own MoE layers (AutoEP) keep
+    DeepSpeed's loader, which reads the expert metadata they write.
+
+    The first refusal needs nothing but the model, the same on every rank, so every rank raises it without a
+    collective; the second reads the checkpoint, and an error on any rank is raised on every rank.
+    """
+    from .deepspeed_expert_parallel_save import _expert_parallel_models_in
+
+    if _expert_parallel_models_in(engine.module):
+        raise _universal_checkpoint_of_expert_parallel_model_error()
+    if getattr(engine, "has_moe_layers", False):
+        return
+    with errors_raised_on_every_rank("Checking the Universal Checkpoint"):
+        universal_dir = _universal_checkpoint_dir(load_dir, tag)
+        if universal_dir is not None and universal_checkpoint_has_experts(universal_dir):
+            raise _universal_checkpoint_with_experts_error(universal_dir)
+
+
 def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load_module_strict: bool = True):
     """
     The Trainer's resume from a checkpoint folder (`checkpoint-N`, holding DeepSpeed's `global_stepN`): DeepSpeed's
@@ -449,6 +535,12 @@ def deepspeed_load_checkpoint_on_any_topology(engine, checkpoint_path: str, load
     """
     from .deepspeed import deepspeed_load_checkpoint
 
+    if engine.load_universal_checkpoint():
+        # DeepSpeed's Universal Checkpoint, the topology its business: loaded as upstream unless it would load wrong
+        refuse_universal_checkpoint_if_wrong(engine, checkpoint_path)
+        with _topology_checked(engine):
+            deepspeed_load_checkpoint(engine, checkpoint_path, load_module_strict=load_module_strict)
+        return
     if engine.zero_optimization_partition_weights() and glob.glob(os.path.join(checkpoint_path, "global_step*")):
         checkpoint_dir = None
         with errors_raised_on_every_rank("Reading the checkpoint's topology"):
@@ -489,8 +581,9 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
     topology into an engine holding an expert-parallel model under ZeRO-3, through `load_checkpoint_on_new_topology`,
     where DeepSpeed's own loader refuses it (on the ranks it adds, with a bare `AssertionError`). The same topology,
     other models, `load_module_only` and a `custom_load_fn` keep DeepSpeed's loader; so does a checkpoint whose tag
-    cannot be found, for which DeepSpeed warns and returns `(None, None)`. Done once, when the first such model is
-    handed over to DeepSpeed, as for the 16-bit consolidation.
+    cannot be found, for which DeepSpeed warns and returns `(None, None)`. With `load_universal` in the engine's
+    config, DeepSpeed's universal loader, after `refuse_universal_checkpoint_if_wrong`. Done once, when the first such
+    model is handed over to DeepSpeed, as for the 16-bit consolidation.
     """
     load = engine_class.load_checkpoint
     if getattr(load, "reshards_expert_parallel_models", False):
@@ -510,11 +603,13 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
                         load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                         custom_load_fn=custom_load_fn)
 
-        checked_by_caller = getattr(engine, "_expert_parallel_topology_checked", False)
-        if (
-            load_module_only or custom_load_fn is not None or checked_by_caller
-            or not _expert_parallel_models_in(engine.module)
-        ):
+        if getattr(engine, "_expert_parallel_topology_checked", False):
+            return deepspeeds_own()
+        if engine.load_universal_checkpoint():
+            # DeepSpeed's universal loader also with `load_module_only`: refused before it runs where it would be wrong
+            refuse_universal_checkpoint_if_wrong(engine, load_dir, tag)
+            return deepspeeds_own()
+        if load_module_only or custom_load_fn is not None or not _expert_parallel_models_in(engine.module):
             return deepspeeds_own()
         try:
             checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
