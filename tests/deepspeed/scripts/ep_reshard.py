@@ -11,9 +11,13 @@ ranks like every other parameter), which is what EP size 1 means under DeepSpeed
 ``accelerate`` (``accelerator.load_state`` under ``accelerate launch``); ``--entry trainer`` trains with the
 ``Trainer`` instead (rows in order, a checkpoint every ``--save-steps`` into ``--output-dir``), resuming with its
 ``resume_from_checkpoint``; ``--zero-moments`` zeroes Adam's moments after
-the load (negative control); ``--freeze REGEX`` leaves the parameters it matches untrained. Reported per rank: losses,
-the parameters and Adam moments right after the load and at the end (dense whole, experts this rank's EP slice), the
-rank's EP rank. Nothing is asserted here.
+the load (negative control); ``--freeze REGEX`` leaves the parameters it matches untrained (both entries).
+``--save-state DIR`` also saves with ``accelerator.save_state`` (under ``accelerate launch``), beside
+``--save-checkpoint``'s ``engine.save_checkpoint``; ``--bf16`` trains in bf16 (DeepSpeed's fp32 master weights);
+``--zero3-save-16bit false`` writes ``stage3_gather_16bit_weights_on_model_save: false`` into the DeepSpeed config.
+Reported per rank: losses, the parameters and Adam moments right after the load and at the end (dense whole, experts
+this rank's EP slice; under bf16 also the fp32 master weights, ``master``), the rank's EP rank. Nothing is asserted
+here.
 """
 
 import argparse
@@ -49,6 +53,12 @@ def parse_args():
                         help="ZeRO-3 offload of the optimizer state and/or the parameters to the CPU")
     parser.add_argument("--freeze", default=None,
                         help="a regular expression: the parameters whose names it matches are not trained")
+    parser.add_argument("--save-state", default=None,
+                        help="under accelerate launch: also `accelerator.save_state` into this directory")
+    parser.add_argument("--bf16", action="store_true",
+                        help="DeepSpeed bf16 training, fp32 master weights (with --launch-config: the yaml decides)")
+    parser.add_argument("--zero3-save-16bit", choices=["true", "false"], default=None,
+                        help="stage3_gather_16bit_weights_on_model_save in the DeepSpeed config (unset: not written)")
     parser.add_argument("--launch-config", action="store_true",
                         help="under accelerate launch: keep the DeepSpeed config accelerate built from the launch's "
                              "yaml (e.g. the one `accelerate config` writes), filling in only the micro batch size")
@@ -64,7 +74,11 @@ def deepspeed_config(args) -> dict:
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
+    if args.zero3_save_16bit is not None:
+        zero["stage3_gather_16bit_weights_on_model_save"] = args.zero3_save_16bit == "true"
+    precision = {"bf16": {"enabled": True}} if args.bf16 else {}
     return {
+        **precision,
         "train_micro_batch_size_per_gpu": args.global_batch // world_size(),
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
@@ -85,18 +99,22 @@ def offloaded(engine) -> list[str]:
                   if offload_device(offload) != "none")
 
 
-def snapshot(module) -> dict[str, dict[str, torch.Tensor]]:
-    """Each parameter gathered over its partition group, with its Adam moments (experts: this rank's EP slice)."""
+def snapshot(module, master: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Each parameter gathered over its partition group, with its Adam moments (experts: this rank's EP slice), and
+    with `master` the optimizer's fp32 master weights (`master`; frozen parameters: the module's, cast to fp32)."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    state = {"param": {}, **{key: {} for key in MOMENT_KEYS}}
+    state = {"param": {}, **{key: {} for key in MOMENT_KEYS}, **({"master": {}} if master else {})}
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
             state["param"][name] = param.data.detach().clone()
         if param.requires_grad:  # frozen parameters have no optimizer state
             for key in MOMENT_KEYS:
                 state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone()
+        if master:
+            trained = safe_get_full_fp32_param(param) if param.requires_grad else None
+            state["master"][name] = state["param"][name].float() if trained is None else trained.detach().clone()
     return state
 
 
@@ -112,12 +130,16 @@ def training_arguments(args):
     PartialState(backend="gloo")
     config = deepspeed_config(args)
     config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", gradient_clipping="auto")
+    if args.bf16:
+        config["bf16"] = {"enabled": "auto"}
     return TrainingArguments(
         output_dir=args.output_dir, deepspeed=config, per_device_train_batch_size=args.global_batch // world_size(),
         max_steps=args.first_step + args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
         weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0, save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500, report_to="none", disable_tqdm=True,
         accelerator_config={"use_configured_state": True},
+        # bf16 on CPU ranks: TrainingArguments refuses it without `use_cpu` (the configured gloo state stays)
+        bf16=args.bf16, use_cpu=args.bf16,
     )
 
 
@@ -151,6 +173,12 @@ def train_with_trainer(args, training_args, model, record):
     return trainer.model_wrapped
 
 
+def freeze(args, model):
+    if args.freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad_(re.search(args.freeze, name) is None)
+
+
 def main():
     args = parse_args()
     if args.entry == "trainer":
@@ -159,7 +187,7 @@ def main():
     from transformers.distributed import DistributedConfig
     from transformers.integrations.deepspeed_expert_parallel_reshard import load_checkpoint_on_new_topology
 
-    with_accelerate = args.resume_with == "accelerate" or args.launch_config
+    with_accelerate = args.resume_with == "accelerate" or args.launch_config or args.save_state is not None
     if with_accelerate:
         registered = start_accelerator()
     else:
@@ -172,9 +200,7 @@ def main():
         args.checkpoint, distributed_config=distributed_config, dtype=torch.float32
     )
     model.train()
-    if args.freeze:
-        for name, param in model.named_parameters():
-            param.requires_grad_(re.search(args.freeze, name) is None)
+    freeze(args, model)
     trained = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     if with_accelerate:
@@ -208,7 +234,7 @@ def main():
             for param in engine.module.parameters():
                 for key in MOMENT_KEYS:
                     safe_set_local_optimizer_state(param, torch.zeros(param.partition_numel()), key)
-        record["loaded"] = snapshot(engine.module)
+        record["loaded"] = snapshot(engine.module, master=args.bf16)
         record["global_steps_after_load"] = engine.global_steps
 
     per_rank = args.global_batch // world_size()
@@ -218,12 +244,14 @@ def main():
         engine.backward(loss)
         engine.step()
         record["losses"].append(loss.item())
-    record["final"] = snapshot(engine.module)
+    record["final"] = snapshot(engine.module, master=args.bf16)
     if args.save_checkpoint:
         if args.resume_with == "accelerate":
             registered.save_state(args.save_checkpoint)
         else:
             engine.save_checkpoint(args.save_checkpoint)
+    if args.save_state:
+        registered.save_state(args.save_state)
     mesh_manager = getattr(model, "_mesh_manager", None)
     record.update(
         rank=rank(),
@@ -249,10 +277,11 @@ def main_trainer(args):
     model = AutoModelForCausalLM.from_pretrained(
         args.checkpoint, distributed_config=distributed_config, dtype=torch.float32
     )
+    freeze(args, model)
     record = {"losses": []}
     engine = train_with_trainer(args, training_args, model, record)
     record.update(
-        final=snapshot(engine.module),
+        final=snapshot(engine.module, master=args.bf16),
         rank=rank(),
         world_size=world_size(),
         ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0,
