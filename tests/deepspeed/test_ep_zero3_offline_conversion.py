@@ -285,15 +285,12 @@ class EPZero3OfflineConversionTest(unittest.TestCase):
         for file in os.listdir(deepspeeds):
             self.assertEqual((forks / file).read_bytes(), (deepspeeds / file).read_bytes(), f"{where}: {file}")
 
-    @pytest.mark.xfail(raises=HFWeightsWritten, strict=True,
-                       reason="Trainer.save_model gathers an EP model's weights whatever stage3_gather_16bit_weights_"
-                              "on_model_save says")
     def test_trainer_without_16bit_gather_writes_no_hf_weights(self):
         """With `stage3_gather_16bit_weights_on_model_save: false` the Trainer writes no HF weights into its
-        `checkpoint-N`, only the ZeRO checkpoint, as without EP (docs/ep_deepspeed.md: use the folder's
-        `zero_to_fp32.py`). Expected to fail (only with `HFWeightsWritten`: a launch that fails is a failure): with an
-        EP model `Trainer.save_model` takes the fork's branch (`_save` on every rank, gathering the experts) whatever
-        that setting, and writes `model.safetensors` (bf16 here). The launches are the Trainer case's."""
+        `checkpoint-N`, only the ZeRO checkpoint (and `config.json`), as without EP (docs/ep_deepspeed.md: use the
+        folder's `zero_to_fp32.py`, or the HF export). Patch 0021: the fork's gathering save of EP models once took
+        no notice of that setting and wrote `model.safetensors`. The launches are the Trainer case's."""
         _, folders = self.train(*FAST_CASES[1][:7], ep_size=2)
         if written := hf_weights_in(folders["trainer"]):
             raise HFWeightsWritten(f"the Trainer wrote {written} into {folders['trainer']}")
+        self.assertTrue((folders["trainer"] / "config.json").is_file())

@@ -122,7 +122,9 @@ def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
 
 
 def deepspeed_config(args) -> dict:
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    # The Trainer writes HF weights into its checkpoints only with the 16-bit gather on, as for any ZeRO-3 model (the
+    # ZeRO-3 example of transformers' DeepSpeed docs sets it)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
     config = {
