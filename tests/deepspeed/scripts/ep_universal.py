@@ -57,7 +57,8 @@ def main():
     from transformers.integrations.deepspeed_expert_parallel_reshard import reshard_in_deepspeed_load_checkpoint
 
     args = parse_args()
-    args.offload = []  # ep_reshard's config, without offload
+    # ep_reshard's config: fp32, without offload, DeepSpeed's default for the 16-bit gather
+    args.offload, args.bf16, args.zero3_save_16bit = [], False, None
     init_process_group()
     config = {**deepspeed_config(args), "checkpoint": {"load_universal": True}}
     registered = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds it weakly)
