@@ -90,6 +90,18 @@ def deepspeed_config(args) -> dict:
     }
 
 
+def train_steps(args, engine, vocab_size: int, losses: list):
+    """The steps `--first-step` .. + `--steps`, each on this rank's rows of the step's global batch; each loss
+    appended to `losses`."""
+    per_rank = args.global_batch // world_size()
+    for step in range(args.first_step, args.first_step + args.steps):
+        rows = global_batch(args, step, vocab_size)[rank() * per_rank : (rank() + 1) * per_rank]
+        loss = engine(input_ids=rows, labels=rows).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+
+
 def offloaded(engine) -> list[str]:
     """What the engine offloads, read as the fork reads it (the device, `none` for a `{device: none}` section)."""
     from transformers.integrations.deepspeed_expert_parallel import offload_device
@@ -237,13 +249,7 @@ def main():
         record["loaded"] = snapshot(engine.module, master=args.bf16)
         record["global_steps_after_load"] = engine.global_steps
 
-    per_rank = args.global_batch // world_size()
-    for step in range(args.first_step, args.first_step + args.steps):
-        rows = global_batch(args, step, model.config.vocab_size)[rank() * per_rank : (rank() + 1) * per_rank]
-        loss = engine(input_ids=rows, labels=rows).loss
-        engine.backward(loss)
-        engine.step()
-        record["losses"].append(loss.item())
+    train_steps(args, engine, model.config.vocab_size, record["losses"])
     record["final"] = snapshot(engine.module, master=args.bf16)
     if args.save_checkpoint:
         if args.resume_with == "accelerate":

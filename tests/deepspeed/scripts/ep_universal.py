@@ -19,8 +19,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from tests.deepspeed.scripts.ep_reshard import deepspeed_config, global_batch, snapshot
-from tests.fork_utils.worker import init_process_group, rank, run_rank, world_size
+from tests.deepspeed.scripts.ep_reshard import deepspeed_config, snapshot, train_steps
+from tests.fork_utils.worker import init_process_group, rank, run_rank
 
 
 def parse_args():
@@ -88,13 +88,7 @@ def main():
     record["loaded"] = snapshot(engine.module)
     record["global_steps_after_load"] = engine.global_steps
     record["losses"] = []
-    per_rank = args.global_batch // world_size()
-    for step in range(args.first_step, args.first_step + args.steps):
-        rows = global_batch(args, step, model.config.vocab_size)[rank() * per_rank : (rank() + 1) * per_rank]
-        loss = engine(input_ids=rows, labels=rows).loss
-        engine.backward(loss)
-        engine.step()
-        record["losses"].append(loss.item())
+    train_steps(args, engine, model.config.vocab_size, record["losses"])
     record["final"] = snapshot(engine.module)
     mesh_manager = getattr(model, "_mesh_manager", None)
     record["ep_rank"] = mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0
