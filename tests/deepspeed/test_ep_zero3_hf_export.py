@@ -126,7 +126,7 @@ class HfExportTest(unittest.TestCase):
         out_bf16 = self.tmp / "export-qwen3-ep2-bf16"
         command = [sys.executable, "-m", "transformers.integrations.deepspeed_expert_parallel_export", checkpoint,
                    str(out_bf16), "--dtype", "bf16", "--max_shard_size", "100KB"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO_ROOT)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO_ROOT, check=False)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         index = json.loads((out_bf16 / "model.safetensors.index.json").read_text())
         self.assertGreater(len(set(index["weight_map"].values())), 1, "not sharded")
@@ -183,7 +183,7 @@ class HfExportTest(unittest.TestCase):
         from transformers.integrations import deepspeed_expert_parallel_export as export
 
         checkpoint, family, _ = self.run_once("mixtral-ep2-engine")
-        with mock.patch.object(export, "_zero_stage", return_value=2):
-            with self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
-                self.export(checkpoint, self.tmp / "switched-off", config=self.originals[family])
+        with mock.patch.object(export, "_zero_stage", return_value=2), \
+                self.assertRaisesRegex(ValueError, "consumed .* numels out of"):
+            self.export(checkpoint, self.tmp / "switched-off", config=self.originals[family])
         self.assertFalse(os.path.exists(self.tmp / "switched-off" / "config.json"))
