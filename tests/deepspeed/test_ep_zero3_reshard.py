@@ -77,6 +77,17 @@ def train_reference(checkpoint, steps: int, chunks: int = 1):
     return losses, state
 
 
+def assert_within_noise_floor(test, got: dict, reference: dict, reordered: dict, what: str):
+    """`got` (whole tensors by name) against the one-process `reference`, within 10x its noise floor: its distance to
+    `reordered`, the reference rerun with each batch summed in the ranks' parts (~1e-6 to 4e-5 here), or 1e-4 of the
+    largest value. Lost or misplaced moments or experts are off by a fraction of an update (~lr) per step, orders of
+    magnitude more."""
+    floor, _ = max_diff(reordered, reference)
+    scale = max(t.abs().max().item() for t in reference.values())
+    diff, worst = max_diff(got, reference)
+    test.assertLessEqual(diff, max(10 * floor, 1e-4 * scale), f"{what} off by {diff} at {worst}; floor {floor}")
+
+
 def read_converted(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a `zero_to_fp32.py` output folder: `pytorch_model*.bin` or `model*.safetensors` files."""
     tensors = {}
@@ -142,14 +153,8 @@ class EPZero3ReshardTest(unittest.TestCase):
     def assert_close_to_reference(self, got, kind, steps, nproc):
         """`got` (whole tensors by name) against one process's `kind` ("param" or a moment) after `steps` steps."""
         _, ref_state = self.reference(steps)
-        # The noise floor: the reference rerun with its batch summed in the ranks' parts (~1e-6 to 4e-5 here). Lost or
-        # misplaced moments are off by a fraction of an update (~lr) per step, orders of magnitude more.
         _, reordered = self.reference(steps, chunks=nproc)
-        floor, _ = max_diff(reordered[kind], ref_state[kind])
-        scale = max(t.abs().max().item() for t in ref_state[kind].values())
-        diff, worst = max_diff(got, ref_state[kind])
-        self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale),
-                             f"{kind} after {steps} steps off by {diff} at {worst}; floor {floor}")
+        assert_within_noise_floor(self, got, ref_state[kind], reordered[kind], f"{kind} after {steps} steps")
 
     def assert_loaded_exactly(self, results, ep_size, previous_final, saved_at_step):
         """Right after the load, every rank holds exactly what the previous hop ended with."""

@@ -108,6 +108,13 @@ def is_expert_parallel_checkpoint(checkpoint_dir: str) -> bool:
     return bool(model_states) and _frozen_expert_parallel_sizes(model_states) - {1} != set()
 
 
+def holds_expert_partitions(saved: SavedZero3Checkpoint) -> bool:
+    """`is_expert_parallel_checkpoint` for a ZeRO-3 checkpoint already read, from what the reader indexed."""
+    if any(group.is_expert for groups in saved.groups.values() for group in groups):
+        return True
+    return _frozen_expert_parallel_sizes(saved.model_states) - {1} != set()
+
+
 def _buffers(saved: SavedZero3Checkpoint) -> dict:
     """The module's buffers as rank 0 saved them (they are whole on every rank), floating ones in fp32."""
     model_state = saved.model_states[0]
@@ -119,7 +126,9 @@ def _buffers(saved: SavedZero3Checkpoint) -> dict:
     }
 
 
-def _frozen_whole_tensor(saved: SavedZero3Checkpoint, name: str, shape, expert_parallel: bool = True) -> "torch.Tensor":
+def _frozen_whole_tensor(
+    saved: SavedZero3Checkpoint, name: str, shape, expert_parallel: bool = True
+) -> "torch.Tensor":
     """
     A frozen parameter, whole: its partitions concatenated within their group, and for an expert the groups' slices
     in the order of their expert-parallel ranks (EP rank e's group holds the ranks e, e + P, ..., as for trained
@@ -182,7 +191,9 @@ def _expert_parallel_unread_state_dict(checkpoint_dir: str, exclude_frozen_param
     return unread_state_dict(SavedZero3Checkpoint(checkpoint_dir), exclude_frozen_parameters)
 
 
-def unread_state_dict(saved: SavedZero3Checkpoint, exclude_frozen_parameters: bool, expert_parallel: bool = True) -> dict:
+def unread_state_dict(
+    saved: SavedZero3Checkpoint, exclude_frozen_parameters: bool, expert_parallel: bool = True
+) -> dict:
     """
     Every tensor of the state dict DeepSpeed's reader would return, in its order (buffers, frozen parameters, trained
     parameters, tied names last), read lazily (`Unread`) except the buffers. Tied weights were saved once, under one

@@ -44,7 +44,7 @@ from .deepspeed_expert_parallel_checkpoint import (
     Unread,
     _existing_tag_dir,
     _output_dtype,
-    is_expert_parallel_checkpoint,
+    holds_expert_partitions,
     unread_state_dict,
 )
 from .deepspeed_expert_parallel_reshard import SavedZero3Checkpoint, _checkpoint_files
@@ -136,8 +136,8 @@ def _load_config(checkpoint_dir: str, config):
     if config is None:
         if not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
             raise FileNotFoundError(
-                f"No config.json in {checkpoint_dir} (a Trainer's checkpoint-N holds one; `engine.save_checkpoint` and "
-                "`accelerator.save_state` do not): pass the model's config, or the folder it was loaded from, as "
+                f"No config.json in {checkpoint_dir} (a Trainer's checkpoint-N holds one; `engine.save_checkpoint` "
+                "and `accelerator.save_state` do not): pass the model's config, or the folder it was loaded from, as "
                 "`config=` (`--config`)."
             )
         config = checkpoint_dir
@@ -170,12 +170,14 @@ def _unread_checkpoint(tag_dir: str):
     if stage == 3:
         saved = SavedZero3Checkpoint(tag_dir)
         files = [*_checkpoint_files(tag_dir, "model").values(), *_checkpoint_files(tag_dir, "optim").values()]
-        expert_parallel = is_expert_parallel_checkpoint(tag_dir)
-        return unread_state_dict(saved, exclude_frozen_parameters=False, expert_parallel=expert_parallel), files
+        expert_parallel = holds_expert_partitions(saved)
+        unread = unread_state_dict(saved, exclude_frozen_parameters=False, expert_parallel=expert_parallel)
+        return unread, files
     from deepspeed.utils import zero_to_fp32
 
     logger.warning(
-        f"{tag_dir} is a ZeRO stage {stage} checkpoint: read whole by DeepSpeed's reader (not streamed tensor by tensor)."
+        f"{tag_dir} is a ZeRO stage {stage} checkpoint: read whole by DeepSpeed's reader (not streamed tensor by "
+        "tensor)."
     )
     checkpoint_dir, tag = os.path.split(tag_dir)
     return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag), []
@@ -203,8 +205,8 @@ def export_zero_checkpoint_to_hf_checkpoint(
             folder), or a Trainer's `checkpoint-N`. Checkpoints of expert-parallel models (every expert) and of models
             without expert parallelism alike.
         output_dir (`str`):
-            Where the checkpoint goes (created if needed). Files of a previous checkpoint there are replaced atomically,
-            other files (a tokenizer) stay.
+            Where the checkpoint goes (created if needed). Files of a previous checkpoint there are replaced
+            atomically, other files (a tokenizer) stay.
         config (`PretrainedConfig`, `str` or `os.PathLike`, *optional*):
             The model's config, or the folder / model id it is read from. Defaults to the `config.json` in
             `checkpoint_dir` (a Trainer's checkpoints hold one).
@@ -240,7 +242,6 @@ def _write_export(model, unread, files, output_dir, dtype, max_shard_size, save_
     from .deepspeed_expert_parallel_save import (
         _meta_state_dict,
         _raise_here,
-        _release_freed_memory,
         plan_checkpoint,
         write_planned_checkpoint,
     )
@@ -262,15 +263,15 @@ def _write_export(model, unread, files, output_dir, dtype, max_shard_size, save_
 
     def fetch(name):
         tensor = _read_as(unread[name], dtype).contiguous()
-        pages.release()
-        if tensor.nbytes >= 1 << 20:
-            _release_freed_memory()
+        pages.release()  # the file pages reading it brought in; the writer hands back its own memory once written
         return tensor
 
     logger.info(
         f"Exporting {len(meta_state_dict)} tensors of {tag_dir} to {output_dir} ({dtype}, {len(plan.shards)} files)."
     )
-    write_planned_checkpoint(model, output_dir, plan, fetch, is_writer=True, exchange_errors=_raise_here)
+    write_planned_checkpoint(
+        model, output_dir, plan, fetch, is_writer=True, exchange_errors=_raise_here, release_memory=True
+    )
     return output_dir
 
 
