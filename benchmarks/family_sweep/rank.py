@@ -48,6 +48,7 @@ def main():
 
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+    from transformers.integrations.deepspeed_expert_parallel import expert_parallel_layout
 
     record = {"rank": rank(), "phase": "load", "inputs": [], "losses": []}
 
@@ -60,7 +61,7 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(
             args.checkpoint, distributed_config=DistributedConfig(ep_size=2), dtype=torch.float32
         )
-        layout = getattr(model, "_expert_parallel_layout", {})
+        layout = expert_parallel_layout(model)
         record["layout"] = {k: tuple(v) for k, v in layout.items()}
         record["ep_rank"] = model._mesh_manager.get_mesh("ep").get_local_rank()
         record["loaded"] = {n: p.detach().clone() for n, p in model.named_parameters()}

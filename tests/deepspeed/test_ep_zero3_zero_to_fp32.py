@@ -226,7 +226,7 @@ class ZeroToFp32ScriptTest(unittest.TestCase):
         self.assertIs(loaded, model)
         for name, tensor in model.state_dict().items():
             self.assertTrue(torch.equal(tensor, self.expected[name]), name)
-        model.experts._expert_parallel_layout = {}
+        model.experts._expert_parallel_handed_over = True
         with self.assertRaisesRegex(ValueError, "one rank's experts"):
             offline.load_state_dict_from_zero_checkpoint(model, str(self.checkpoint))
 
@@ -254,7 +254,7 @@ class RecoveryScriptInCheckpointFoldersTest(unittest.TestCase):
         import deepspeed
 
         model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        model[0]._expert_parallel_layout = {}
+        model[0]._expert_parallel_handed_over = True
         folder = self.copy_scripts(model)
         self.assertEqual((folder / "zero_to_fp32.py").read_bytes(), Path(SCRIPT).read_bytes())
         self.assertTrue(os.access(folder / "zero_to_fp32.py", os.X_OK))

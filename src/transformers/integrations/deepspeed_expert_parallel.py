@@ -266,6 +266,20 @@ class ExpertShardLayout(NamedTuple):
     ep_size: int
 
 
+def expert_parallel_layout(model) -> dict[str, ExpertShardLayout]:
+    """
+    The layout of each expert parameter of a model handed over to DeepSpeed
+    (`prepare_expert_parallel_model_for_deepspeed`), by its name in `model` now: derived from the parameters' own
+    `expert_shard_layout`, the one record of it, so the names follow wrappers that rename parameters. Empty for other
+    models.
+    """
+    return {
+        name: param.expert_shard_layout
+        for name, param in model.named_parameters()
+        if getattr(param, "expert_shard_layout", None) is not None
+    }
+
+
 def _default_group_timeout():
     """The collective timeout of the default process group (set by `init_process_group(timeout=...)`, e.g. through
     `InitProcessGroupKwargs`, `TrainingArguments(ddp_timeout=...)` or `deepspeed.init_distributed(timeout=...)`)."""
@@ -306,7 +320,8 @@ def prepare_expert_parallel_model_for_deepspeed(model):
 
     1. The expert `DTensor` parameters (`Shard(0)` on the expert-parallel mesh) become plain local parameters, which
        `deepspeed.initialize` can partition; the EP forward only swaps `DTensor`s for their local tensors, so it runs on
-       them unchanged. Their layout is kept in `model._expert_parallel_layout` (see `ExpertShardLayout`) for saving.
+       them unchanged. Each keeps its layout as `param.expert_shard_layout` (see `ExpertShardLayout`, and
+       `expert_parallel_layout` for the map by name) for saving and resharding.
     2. DeepSpeed's expert and expert-data-parallel groups (`ep_size_{ep_size}`) are created, and checked to hold the
        same ranks as transformers' `ep` and `efsdp` mesh groups. These groups and the mesh's take the default
        group's collective timeout (`_apply_default_group_timeout`).
@@ -360,7 +375,6 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     )
 
     modules = dict(model.named_modules())
-    layout = {}
     for name, param in expert_params.items():
         module_name, _, param_name = name.rpartition(".")
         local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
@@ -371,10 +385,10 @@ def prepare_expert_parallel_model_for_deepspeed(model):
         # Not set by the engine, which only resolves placements for its own MoE modules.
         local.ds_zero_partition_process_group = expert_data_parallel_group
         modules[module_name]._parameters[param_name] = local
-        layout[name] = ExpertShardLayout(tuple(param.shape), 0, ep_mesh.get_local_rank(), ep_size)
-        # Also on the parameter itself, which keeps it when wrappers rename it (PEFT's `base_layer`)
-        local.expert_shard_layout = layout[name]
-    model._expert_parallel_layout = layout
+        # On the parameter itself, the one record of it: it stays when wrappers rename the parameter (PEFT's
+        # `base_layer`), and `expert_parallel_layout` derives the map by name from it.
+        local.expert_shard_layout = ExpertShardLayout(tuple(param.shape), 0, ep_mesh.get_local_rank(), ep_size)
+    model._expert_parallel_handed_over = True
     for module_name in {name.rpartition(".")[0] for name in expert_params}:
         modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
     model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
@@ -497,8 +511,9 @@ def _expert_parallel_layers(model) -> dict[str, "nn.Module"]:
     the parameters laid out by `prepare_expert_parallel_model_for_deepspeed`) and every module above them (the sparse
     MoE block that routes the tokens to them, the decoder layer, ...), whose forward would take their work over.
     """
-    layout = getattr(model, "_expert_parallel_layout", None)
-    if layout is None:
+    if getattr(model, "_expert_parallel_handed_over", False):
+        layout = expert_parallel_layout(model)
+    else:
         layout = [name for name, _ in model.named_parameters() if _is_expert_parameter(name)]
     layers = set()
     for name in layout:

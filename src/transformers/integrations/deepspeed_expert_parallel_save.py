@@ -46,7 +46,7 @@ from functools import wraps
 from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
-from .deepspeed_expert_parallel import _raise_on_every_rank_if_any_failed
+from .deepspeed_expert_parallel import _raise_on_every_rank_if_any_failed, expert_parallel_layout
 
 
 if is_torch_available():
@@ -96,7 +96,7 @@ def _expert_parallel_models_in(module):
     The expert-parallel models under ZeRO-3 that `module` is or wraps (e.g. a PEFT model around one). Their own
     attribute, not `getattr`: wrappers such as PEFT's forward attribute look-ups to the model they wrap.
     """
-    return [m for m in module.modules() if vars(m).get("_expert_parallel_layout") is not None]
+    return [m for m in module.modules() if vars(m).get("_expert_parallel_handed_over", False)]
 
 
 def gather_expert_parallel_state_dict_under_zero3(module, exclude_frozen_parameters=False):
@@ -204,7 +204,7 @@ def check_expert_parallel_state_dict_is_whole(model, state_dict):
     state dict that holds one rank's experts or ZeRO-3 partitions (e.g. `model.state_dict()`) instead of the whole
     model, which would make a checkpoint that fails at reload.
     """
-    layout = model._expert_parallel_layout
+    layout = expert_parallel_layout(model)
     for name, param in model.named_parameters():
         tensor = state_dict.get(name)
         expected = layout[name].global_shape if name in layout else tuple(getattr(param, "ds_shape", param.shape))
@@ -658,7 +658,7 @@ def save_expert_parallel_model_under_zero3(
         # A rank without the state dict in accelerate's ZeRO-3 save: rank 0 writes what it was sent
         return
 
-    layout = model._expert_parallel_layout
+    layout = expert_parallel_layout(model)
     ignored = set(model._keys_to_ignore_on_save or [])
     if collective:
         ep_group = model._mesh_manager.get_mesh("ep").get_group()

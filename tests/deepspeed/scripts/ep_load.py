@@ -104,7 +104,7 @@ def deepspeed_registered_after_load(model, save_dir):
     report = {
         "zero3_after_load": is_deepspeed_zero3_enabled(),
         "ep_under_zero3_after_load": is_expert_parallel_under_zero3(model),
-        "handed_over": hasattr(model, "_expert_parallel_layout"),
+        "handed_over": getattr(model, "_expert_parallel_handed_over", False),
     }
     try:
         model.save_pretrained(save_dir)
