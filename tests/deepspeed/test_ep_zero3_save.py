@@ -32,11 +32,25 @@ SAVE_PATHS = [
     ("state_dict", ["--save-from-state-dict"], False),
     ("gathered_into_mount_point", [], True),
 ]
+# A save where every rank writes, failing on the other rank than the one that writes headers and commits
+FAILED_SAVE_PATHS = [*SAVE_PATHS, ("gathered_rank_1_fails", ["--fail-save-rank", 1], False)]
 
 
 def checkpoint_files(directory: Path) -> dict[str, bytes]:
     """The bytes of each file of a checkpoint directory; hidden entries (a save's staging directory) left out."""
     return {p.name: p.read_bytes() for p in directory.iterdir() if not p.name.startswith(".")}
+
+
+def tensor_bytes(directory: Path) -> tuple[int, int]:
+    """The bytes of tensor data a checkpoint holds, and those of its largest tensor."""
+    from safetensors import safe_open
+
+    sizes = []
+    for path in directory.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            names = f.keys()
+            sizes += [f.get_tensor(name).nbytes for name in names]
+    return sum(sizes), max(sizes)
 
 
 @pytest.mark.multiprocess
@@ -66,10 +80,10 @@ class EPZero3SaveTest(unittest.TestCase):
             self.mounted.append(target)
         return target
 
-    def train(self, checkpoint, *extra, entry="deepspeed", steps=3):
+    def train(self, checkpoint, *extra, entry="deepspeed", steps=3, nproc=2):
         args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", 2, "--steps", steps,
                 "--optimizer", "adamw", "--lr", "1e-3", *extra]
-        return launch(TRAIN, args, nproc=2, timeout=TIMEOUT)
+        return launch(TRAIN, args, nproc=nproc, timeout=TIMEOUT)
 
     def assert_checkpoint_holds(self, saved: Path, expected: dict, family_checkpoint: Path):
         from transformers import AutoModelForCausalLM
@@ -83,15 +97,42 @@ class EPZero3SaveTest(unittest.TestCase):
         for name, tensor in expected.items():
             self.assertTrue(torch.equal(reloaded[name], tensor), f"{name} differs from the training state")
 
-    @parameterized.expand([("qwen3_moe", "50GB", False), ("mixtral", "20KB", False), ("mixtral", "20KB", True)])
-    def test_round_trip_after_training(self, checkpoint, max_shard_size, whole_shards):
-        """Each tensor is written as soon as it is gathered, or (`whole_shards`, for conversions that need several
-        tensors at once) each shard is collected and converted whole."""
-        saved = self.tmp / f"saved-{checkpoint}-{max_shard_size}-{whole_shards}"
-        extra = ["--convert-whole-shards"] if whole_shards else []
-        results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size, *extra)
+    def assert_every_rank_wrote(self, results, saved):
+        """Each rank wrote its share: about the checkpoint's tensor bytes over the ranks, give or take one tensor."""
+        total, largest = tensor_bytes(saved)
+        written = [results[rank]["save_bytes_written"] for rank in sorted(results)]
+        self.assertEqual(sum(written), total, f"bytes written per rank {written}")
+        share = total / len(written)
+        for rank, count in enumerate(written):
+            self.assertLessEqual(abs(count - share), 0.1 * share + largest,
+                                 f"rank {rank} wrote {count} bytes, its share is {share:.0f} (largest {largest})")
+
+    @parameterized.expand([
+        ("qwen3_moe", "50GB", False, 2),
+        ("mixtral", "20KB", False, 2),
+        ("mixtral", "20KB", True, 2),
+        ("mixtral_ep2_edp2", "20KB", False, 4),
+    ])
+    def test_round_trip_after_training(self, checkpoint, max_shard_size, whole_shards, nproc):
+        """Every rank writes its part of each shard (experts by the ranks holding them), byte for byte the checkpoint
+        global rank 0 writes alone, saved again after it for comparison; or (`whole_shards`, for conversions that
+        need several tensors at once) rank 0 alone collects each shard and converts it whole."""
+        saved = self.tmp / f"saved-{checkpoint}-{max_shard_size}-{whole_shards}-{nproc}"
+        single_writer = saved.with_name(saved.name + "-single-writer")
+        extra = ["--convert-whole-shards"] if whole_shards else ["--single-writer-save-dir", single_writer]
+        checkpoint = checkpoint.partition("_ep2")[0]
+        results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size, *extra, nproc=nproc)
         results = results.check().results()
         self.assertFalse([r.get("save_error") for r in results.values() if r.get("save_error")])
+        total, _ = tensor_bytes(saved)
+        if whole_shards:
+            # The single writer's path, unchanged
+            self.assertEqual([results[rank]["save_bytes_written"] for rank in sorted(results)], [total, 0])
+        else:
+            self.assertEqual(checkpoint_files(saved), checkpoint_files(single_writer))
+            self.assert_every_rank_wrote(results, saved)
+            self.assertEqual([results[rank]["single_writer_bytes_written"] for rank in sorted(results)],
+                             [total] + [0] * (nproc - 1))
         trained = assemble_experts(results, "final", ep_size=2)
         self.assertNotEqual(max(abs(trained[k] - v).max().item() for k, v in
                                 assemble_experts(results, "initial", ep_size=2).items()), 0.0, "training did nothing")
@@ -100,6 +141,8 @@ class EPZero3SaveTest(unittest.TestCase):
             self.assertTrue((saved / "model.safetensors.index.json").is_file())
         # Single process: every tensor equals the gathered training state, bit for bit.
         self.assert_checkpoint_holds(saved, trained, self.checkpoints[checkpoint])
+        if nproc != 2:
+            return  # byte for byte rank 0's checkpoint, which reloads as above: the 2-rank runs reload it under EP too
         # EP + ZeRO-3 again: each rank's shard equals its slice of the training state.
         reloaded = launch(LOAD, ["--mode", "accelerate", "--checkpoint", saved, "--ep-size", 2], nproc=2,
                           launcher="accelerate", accelerate_config=CONFIG_DIR / "accelerate_deepspeed_zero3.yaml",
@@ -137,19 +180,23 @@ class EPZero3SaveTest(unittest.TestCase):
         self.assertEqual(checkpoint_files(saved), before)
         self.assert_checkpoint_holds(saved, assemble_experts(first, "final", ep_size=2), self.checkpoints["mixtral"])
 
-    @parameterized.expand(SAVE_PATHS)
+    @parameterized.expand(FAILED_SAVE_PATHS)
     def test_failed_save_keeps_the_previous_checkpoint(self, path, save_args, mounted):
-        """Gathered on every rank, the error is raised on every rank; from a state dict rank 0 writes alone."""
+        """Gathered on every rank (every rank writing), the error is raised on every rank; from a state dict rank 0
+        writes alone."""
         saved = self.save_target(f"saved-then-failed-{path}", mounted)
         first = self.save_mixtral(saved, steps=1).check().results()
         before = checkpoint_files(saved)
         result = self.save_mixtral(saved, "--fail-save-after-shards", 1, *save_args, steps=2)
         self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
         self.assertLess(result.elapsed, TIMEOUT / 2)
-        writers = [0] if save_args else [0, 1]
-        for rank in writers:
+        from_state_dict = "--save-from-state-dict" in save_args
+        failing = int(save_args[-1]) if "--fail-save-rank" in save_args else 0
+        for rank in [0] if from_state_dict else [0, 1]:
             self.assertIn("save_error", result.results()[rank], f"rank {rank} did not see the failed save")
-        self.assertIn("No space left on device", result.results()[0]["save_error"])
+        self.assertIn("No space left on device", result.results()[failing]["save_error"])
+        if not from_state_dict:
+            self.assertIn(f"failed on rank(s) [{failing}]", result.results()[1 - failing]["save_error"])
         # The previous checkpoint is untouched, and nothing half-written sits in (or next to) the target.
         self.assertEqual(sorted(p.name for p in saved.iterdir() if p.name.startswith(".")), [])
         self.assertEqual(sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}")), [])

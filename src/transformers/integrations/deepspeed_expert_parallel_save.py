@@ -18,11 +18,16 @@ Each rank holds only its experts (see `deepspeed_expert_parallel`), and DeepSpee
 hold the same experts: every save path of upstream and of the ecosystem saw one rank's experts as the whole tensor.
 
 - `save_expert_parallel_model_under_zero3` is `save_pretrained` for such a model, on every rank, before or after
-  `deepspeed.initialize`: the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their ZeRO-3
-  partitions, then experts across the expert-parallel group) and streamed by global rank 0 (or the main rank of each
-  node, with the Trainer's `save_on_each_node`) into safetensors shards whose headers are planned up front (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion
-  reverted tensor by tensor, the freed memory handed back after each large tensor (`_release_freed_memory`). Given the
-  whole `state_dict` (accelerate's ZeRO-3 save), rank 0 writes it through the same writer.
+  `deepspeed.initialize`. On one host, every rank writes its part of each planned shard file at its planned offsets
+  (`assign_writers`, `write_planned_checkpoint_in_parallel`): the experts it holds, gathered over their ZeRO-3
+  partitions only, and its share of the dense tensors, each gathered onto its writer; the files are those one writer
+  would write, byte for byte. Otherwise (several hosts, `save_on_each_node`, a conversion needing several tensors at
+  once, experts stored fused) the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their
+  ZeRO-3 partitions, then experts across the expert-parallel group) and streamed by global rank 0 (or the main rank
+  of each node, with the Trainer's `save_on_each_node`) into safetensors shards whose headers are planned up front
+  (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion reverted tensor by tensor, the freed
+  memory handed back after each large tensor (`_release_freed_memory`). Given the whole `state_dict` (accelerate's
+  ZeRO-3 save), rank 0 writes it through the same writer.
 - Writes are atomic: staged in a hidden directory inside the target, `config.json` last, synced, then moved in file by
   file (`_commit_staged_checkpoint`); the next save removes what a killed one staged (`_remove_killed_saves`). Each step
   that writes ends with an exchange of every rank's error.
@@ -239,7 +244,7 @@ class _StreamedSafetensorsFile:
         torch.bool: "BOOL",
     }
 
-    def __init__(self, path, meta_tensors, metadata):
+    def __init__(self, path, meta_tensors, metadata, write_header=True):
         self.entries, position = {}, 0
         for name, meta in meta_tensors.items():
             size = meta.numel() * meta.element_size()
@@ -249,20 +254,25 @@ class _StreamedSafetensorsFile:
         header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         self.data_start = 8 + len(header)
-        self.written = set()
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(header)) + header)
+        self.written, self.bytes_written = set(), 0
+        # Several processes may write parts of one file (`_write_shard_in_parallel`): created if needed, never truncated
+        self.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
+        if write_header:
+            self.file.write(struct.pack("<Q", len(header)) + header)
 
     def write(self, name, tensor):
         entry = self.entries[name]
         if list(tensor.shape) != entry["shape"] or self._DTYPES[tensor.dtype] != entry["dtype"]:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {entry}")
         self.file.seek(self.data_start + entry["data_offsets"][0])
-        self.file.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+        self.file.write(data)
         self.written.add(name)
+        self.bytes_written += data.nbytes
 
-    def finish(self):
-        if missing := set(self.entries) - self.written:
+    def finish(self, expected=None):
+        """Close the file once the tensors `expected` (all of them by default) are written."""
+        if missing := set(self.entries if expected is None else expected) - self.written:
             raise RuntimeError(f"Tensors planned but not written: {sorted(missing)}")
         self.file.close()
 
@@ -562,6 +572,19 @@ def _write_index_and_configs(model, staging, plan, weight_map):
     model.config.save_pretrained(staging)
 
 
+def _unless_failed(error, step, *args):
+    """
+    `(error, step(*args))`, or `(the error step raised, None)`, not raised; `step` is skipped after an `error`. In a
+    collective save a rank that failed must go on with the collectives, until every rank learns of its error.
+    """
+    if error is not None:
+        return error, None
+    try:
+        return None, step(*args)
+    except Exception as e:
+        return e, None
+
+
 def write_planned_checkpoint(model, save_directory, plan, fetch, is_writer, exchange_errors, release_memory=False):
     """
     Write the checkpoint `plan` describes into `save_directory`, each tensor whole from `fetch(name)` (called on every
@@ -574,16 +597,10 @@ def write_planned_checkpoint(model, save_directory, plan, fetch, is_writer, exch
     the OS once written (`_release_freed_memory`).
     """
     directory = os.path.realpath(save_directory)
-    previous_weights = re.compile(
-        re.escape(plan.weights_name).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
-    )
     staging = error = None
     try:
         if is_writer:
-            try:
-                staging = _create_staging_directory(save_directory)
-            except Exception as e:
-                error = e
+            error, staging = _unless_failed(None, _create_staging_directory, save_directory)
         exchange_errors(error, f"Saving the model (creating a directory in {save_directory})")
 
         weight_map = {}
@@ -593,21 +610,252 @@ def write_planned_checkpoint(model, save_directory, plan, fetch, is_writer, exch
             exchange_errors(error, f"Saving the model (writing {shard_file})")
 
         if is_writer:
-            try:
-                _write_index_and_configs(model, staging, plan, weight_map)
-                # On disk before they are moved in, so that the moved-in checkpoint is complete after a crash too.
-                for entry in os.scandir(staging):
-                    if entry.is_file():
-                        _fsync(entry.path)
-                _commit_staged_checkpoint(
-                    staging, directory, lambda entry: entry == plan.index_name or previous_weights.fullmatch(entry)
-                )
-            except Exception as e:
-                error = e
+            error, _ = _unless_failed(None, _commit_checkpoint, model, staging, directory, plan, weight_map)
         exchange_errors(error, f"Saving the model (moving it into {save_directory})")
     finally:
         if staging is not None and os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# Whether a collective save may have every rank write its part (`_assign_writers_if_parallel`); tests turn it off to
+# compare with the checkpoint global rank 0 writes alone.
+PARALLEL_WRITE = True
+# The bytes of tensor data this process wrote in its last save (tests and `make bench-save` report them).
+last_save_bytes_written = 0
+
+
+class WriterAssignment(NamedTuple):
+    """Which rank writes what in a save where every rank writes (`assign_writers`), the same on every rank."""
+
+    # Per shard, in the order of the plan's shards: its tensors in the original key layout (meta tensors), in file order
+    shard_keys: list
+    # Original key -> the global rank that writes it
+    key_writers: dict
+    # Model tensor -> the global rank it is gathered onto whole (dense tensors)
+    tensor_writers: dict
+    # Model tensor -> its original keys, for experts stored one tensor per expert: each is written by a rank holding it
+    expert_keys: dict
+    # The bytes of tensor data each global rank writes
+    bytes_per_rank: list
+
+
+def _expert_rank_of_keys(revert, name, layout):
+    """
+    The expert-parallel rank holding each original key of the expert parameter `name` (`revert` splits it per
+    expert, as Mixtral and Qwen3-MoE store their experts), or `None` when some key spans experts of several ranks
+    (fused experts, as gpt-oss stores them). Found by reverting a probe of the full shape whose values are the expert
+    index: a view of `arange(num_experts)` (no memory of the full shape), so each key's range of experts is read from
+    its offset and strides, or from its values where the conversion copied it.
+    """
+    experts = layout.global_shape[layout.shard_dim]
+    if experts % layout.ep_size:
+        return None
+    shape = [1] * len(layout.global_shape)
+    shape[layout.shard_dim] = experts
+    index = torch.arange(experts, dtype=torch.float64)
+    probe = index.view(shape).expand(layout.global_shape)
+    try:
+        converted = revert({name: probe})
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+        return None
+    owners = {}
+    for key, value in converted.items():
+        if value.numel() == 0:
+            return None
+        if value.untyped_storage().data_ptr() == index.untyped_storage().data_ptr():
+            extents = [(size - 1) * stride for size, stride in zip(value.shape, value.stride())]
+            low = value.storage_offset() + sum(min(0, extent) for extent in extents)
+            high = value.storage_offset() + sum(max(0, extent) for extent in extents)
+        else:
+            low, high = int(value.min().item()), int(value.max().item())
+        per_rank = experts // layout.ep_size
+        if low // per_rank != high // per_rank:
+            return None
+        owners[key] = low // per_rank
+    return owners
+
+
+def assign_writers(plan, layouts, ep_ranks):
+    """
+    Every rank writes (`ep_ranks`: each global rank's expert-parallel rank): each original key of an expert stored one
+    tensor per expert goes to the least loaded rank holding that expert (no gather across the expert-parallel group),
+    then each dense tensor, largest first, whole to the least loaded rank. From the plan alone, so the same on every
+    rank. `None` when a shard cannot be streamed tensor by tensor (a conversion needing several tensors at once) or
+    experts are stored fused, a key spanning the experts of several ranks (gpt-oss): the save is then written by one
+    rank.
+    """
+    shard_keys = []
+    for names, converted in zip(plan.shards.values(), plan.converted_shards):
+        keys = _plan_streamed_shard(plan.revert, plan.meta_state_dict, names, converted)
+        if keys is None:
+            return None
+        shard_keys.append(keys)
+    sizes = {key: meta.numel() * meta.element_size() for keys in shard_keys for key, meta in keys.items()}
+    loads = [0] * len(ep_ranks)
+
+    def give(keys, candidates):
+        writer = min(candidates, key=lambda rank: (loads[rank], rank))
+        for key in keys:
+            key_writers[key] = writer
+            loads[writer] += sizes[key]
+        return writer
+
+    key_writers, tensor_writers, expert_keys, whole = {}, {}, {}, []
+    for names in plan.shards.values():
+        for name in names:
+            layout = layouts.get(name)
+            owners = None if layout is None else _expert_rank_of_keys(plan.revert, name, layout)
+            keys = list(plan.revert({name: plan.meta_state_dict[name]}))
+            if layout is None:
+                whole.append((name, keys))
+                continue
+            if owners is None or sorted(owners) != sorted(keys):
+                # Experts stored fused (gpt-oss): written by rank 0 alone, as before, until a test covers them here
+                return None
+            expert_keys[name] = keys
+            for key, ep_rank in owners.items():
+                give([key], [rank for rank, held in enumerate(ep_ranks) if held == ep_rank])
+    for name, keys in sorted(whole, key=lambda item: -sum(sizes[key] for key in item[1])):
+        tensor_writers[name] = give(keys, range(len(ep_ranks)))
+    return WriterAssignment(shard_keys, key_writers, tensor_writers, expert_keys, loads)
+
+
+def _assign_writers_if_parallel(plan, layouts, calls, writers):
+    """
+    The writers of a collective save where every rank writes (`assign_writers`), from each rank's `(is_main_process,
+    hostname, ep_rank)`; `None` where global rank 0 writes alone: every rank must share one file system, which only one
+    host guarantees (per-node disks, or a save on each node, keep the single writer per node), and each tensor must
+    convert back on its own.
+    """
+    if not PARALLEL_WRITE or writers != [0] or len({host for _, host, _ in calls}) > 1:
+        return None
+    return assign_writers(plan, layouts, [ep_rank for _, _, ep_rank in calls])
+
+
+def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
+    """
+    2. (every rank writing) The original keys of the model tensor `name` that this rank writes, with their values
+    (often none). A collective, as `_gather_expert_parallel_tensor`, through which tensors written whole reach their
+    one writer. Experts stored one tensor per expert are gathered over their ZeRO-3 partitions only (the
+    expert-data-parallel group): this rank's experts are placed at their position in a tensor of the full shape left
+    unfilled elsewhere (never touched, those pages are not allocated), which the conversion splits per expert.
+    """
+    import deepspeed
+
+    rank = torch.distributed.get_rank()
+    if name in assignment.tensor_writers:
+        writer = assignment.tensor_writers[name]
+        full = _gather_expert_parallel_tensor(tensor, layout, ep_group, writers=(writer,))
+        return {} if full is None else revert({name: full})
+    mine = {key for key in assignment.expert_keys[name] if assignment.key_writers[key] == rank}
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        if not mine:
+            return {}
+        local = tensor.data
+        full = torch.empty(layout.global_shape, dtype=local.dtype, device="cpu")
+        size = local.shape[layout.shard_dim]
+        full.narrow(layout.shard_dim, layout.ep_rank * size, size).copy_(local)
+    return {key: value for key, value in revert({name: full}).items() if key in mine}
+
+
+def _write_shard_in_parallel(staging, shard_file, names, keys, assignment, fetch, release_memory, meta_state_dict):
+    """
+    3. (every rank writing) This rank's part of one shard: global rank 0 writes the header, each rank the tensors
+    assigned to it at their planned offsets in the same file (`_StreamedSafetensorsFile`, created by whichever opens
+    it first, never truncated), then syncs it. `fetch(name)` (on every rank, a collective) gives this rank's keys of
+    each tensor. Returns the bytes written and this rank's error (`None` when it succeeded).
+    """
+    rank = torch.distributed.get_rank()
+    path = os.path.join(staging, shard_file)
+    mine = [key for key in keys if assignment.key_writers[key] == rank]
+    shard, error = None, None
+    if mine or rank == 0:
+        error, shard = _unless_failed(None, _StreamedSafetensorsFile, path, keys, {"format": "pt"}, rank == 0)
+
+    def write(values):
+        for key, value in values.items():
+            shard.write(key, value)
+
+    def finish():
+        shard.finish(mine)
+        _fsync(path)
+        return shard.bytes_written
+
+    try:
+        for name in names:
+            # After its collectives, a conversion may fail: reported like a failed write
+            fetch_error, values = _unless_failed(None, fetch, name)
+            error = error or fetch_error
+            if shard is not None:
+                error, _ = _unless_failed(error, write, values)
+            del values
+            if release_memory and meta_state_dict[name].nbytes >= 1 << 20:
+                _release_freed_memory()
+        written = None
+        if shard is not None:
+            error, written = _unless_failed(error, finish)
+    finally:
+        if shard is not None:
+            shard.file.close()
+    return written or 0, error
+
+
+def write_planned_checkpoint_in_parallel(model, save_directory, plan, assignment, fetch, release_memory=False):
+    """
+    `write_planned_checkpoint` with every rank writing its part (`assign_writers`), a collective: global rank 0 stages
+    the checkpoint in a hidden directory inside `save_directory` and shares its name, every rank writes its tensors of
+    each shard there (`_write_shard_in_parallel`), each shard ending with an exchange of every rank's error
+    (`_raise_on_every_rank_if_any_failed`); once every rank has reported success, rank 0 writes the index and the
+    configs, `config.json` last, and moves the checkpoint in (`_commit_staged_checkpoint`). Returns the bytes this rank
+    wrote.
+    """
+    import torch.distributed as dist
+
+    is_writer = dist.get_rank() == 0
+    directory = os.path.realpath(save_directory)
+    staging = error = None
+    try:
+        if is_writer:
+            error, staging = _unless_failed(None, _create_staging_directory, save_directory)
+        _raise_on_every_rank_if_any_failed(error, f"Saving the model (creating a directory in {save_directory})")
+        shared = [staging]
+        dist.broadcast_object_list(shared, src=0)
+        staging = shared[0]
+
+        bytes_written = 0
+        for (shard_file, names), keys in zip(plan.shards.items(), assignment.shard_keys):
+            written, error = _write_shard_in_parallel(
+                staging, shard_file, names, keys, assignment, fetch, release_memory, plan.meta_state_dict
+            )
+            bytes_written += written
+            _raise_on_every_rank_if_any_failed(error, f"Saving the model (writing {shard_file})")
+
+        if is_writer:
+            weight_map = {key: shard_file for shard_file, keys in zip(plan.shards, assignment.shard_keys) for key in keys}
+            error, _ = _unless_failed(None, _commit_checkpoint, model, staging, directory, plan, weight_map)
+        _raise_on_every_rank_if_any_failed(error, f"Saving the model (moving it into {save_directory})")
+        return bytes_written
+    finally:
+        if is_writer and staging is not None and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit_checkpoint(model, staging, directory, plan, weight_map):
+    """
+    4. The index and the configs (`config.json` last) staged, every staged file synced, then all moved into
+    `directory` (`_commit_staged_checkpoint`), the previous weights that the new ones do not replace removed.
+    """
+    previous_weights = re.compile(
+        re.escape(plan.weights_name).replace(r"\.safetensors", r"(-\d{5}-of-\d{5})?\.safetensors")
+    )
+    _write_index_and_configs(model, staging, plan, weight_map)
+    # On disk before they are moved in, so that the moved-in checkpoint is complete after a crash too.
+    for entry in os.scandir(staging):
+        if entry.is_file():
+            _fsync(entry.path)
+    _commit_staged_checkpoint(
+        staging, directory, lambda entry: entry == plan.index_name or previous_weights.fullmatch(entry)
+    )
 
 
 def _raise_here(error, action):
@@ -633,11 +881,14 @@ def save_expert_parallel_model_under_zero3(
     one standard checkpoint, every expert in the original key layout, as `save_pretrained` does for the model loaded on
     a single process, in one of two ways:
 
-    - without `state_dict`, on every rank (a collective): the parameters are gathered one at a time
-      (`_gather_expert_parallel_tensor`: dense ones over their ZeRO-3 partitions, experts across the expert-parallel
-      group) and streamed into the safetensors shards by global rank 0, which holds one parameter at a time (one shard
-      where a conversion needs several parameters at once), the other ranks at most one parameter. The
-      distributed-config gather of `save_pretrained` cannot do this: it sees one rank's experts as the whole tensor.
+    - without `state_dict`, on every rank (a collective): on one host, every rank writes its part of the planned
+      shard files (`assign_writers`, `write_planned_checkpoint_in_parallel`): the experts it holds, each dense
+      parameter by one rank, the same files as one writer would write. Otherwise, or with `PARALLEL_WRITE` off, the
+      parameters are gathered one at a time (`_gather_expert_parallel_tensor`: dense ones over their ZeRO-3
+      partitions, experts across the expert-parallel group) and streamed into the safetensors shards by global rank 0,
+      which holds one parameter at a time (one shard where a conversion needs several parameters at once), the other
+      ranks at most one parameter. The distributed-config gather of `save_pretrained` cannot do this: it sees one
+      rank's experts as the whole tensor.
     - with the whole `state_dict` (accelerate's ZeRO-3 save: `accelerator.get_state_dict(model)`, gathered on rank 0 by
       `gather_expert_parallel_state_dict_under_zero3`), on the main rank 0 alone, as `save_pretrained` writes a state
       dict. The other ranks, called without it, do nothing (`_state_dict_sent_to_rank_0`).
@@ -686,14 +937,29 @@ def save_expert_parallel_model_under_zero3(
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [model.__class__.__name__]
 
+    global last_save_bytes_written
+    last_save_bytes_written = 0
     if collective:
         calls = [None] * dist.get_world_size()
-        dist.all_gather_object(calls, (bool(is_main_process), socket.gethostname()))
-        writers = _writing_ranks(calls)
+        ep_rank = model._mesh_manager.get_mesh("ep").get_local_rank()
+        dist.all_gather_object(calls, (bool(is_main_process), socket.gethostname(), ep_rank))
+        writers = _writing_ranks([call[:2] for call in calls])
         if not writers:
+            return
+        assignment = _assign_writers_if_parallel(plan, layout, calls, writers)
+        if assignment is not None:
+
+            def fetch_keys_to_write(name):
+                return _gather_keys_to_write(name, tensors[name], layout.get(name), ep_group, plan.revert, assignment)
+
+            last_save_bytes_written = write_planned_checkpoint_in_parallel(
+                model, save_directory, plan, assignment, fetch_keys_to_write, release_memory=True
+            )
             return
     else:
         writers = [0]
     write_planned_checkpoint(
         model, save_directory, plan, fetch, dist.get_rank() in writers, exchange_errors, release_memory=collective
     )
+    if dist.get_rank() in writers:
+        last_save_bytes_written = sum(meta.nbytes for meta in plan.meta_state_dict.values())

@@ -14,7 +14,8 @@ in the order given, into ``<--out>/<path>``:
   save_function=accelerator.save)`` on every rank (rank 0's dict kept in the report);
 - ``save_pretrained``: ``unwrap_model(model).save_pretrained(dir)`` on every rank (the fork's own gathering save).
 A directory may already exist (e.g. a mount point the test made). ``--no-ep-gather`` is the negative control: the
-gather of expert tensors across the EP group (``_gather_expert_parallel_tensor``) gives every rank its local slice.
+gather of expert tensors across the EP group (``_gather_expert_parallel_tensor``) gives every rank its local slice, and
+where every rank writes its own experts (``_gather_keys_to_write``) each places them as EP rank 0's.
 
 ``--peft`` (torchrun): PEFT LoRA on q_proj, v_proj of the model, ``Trainer`` with ``TrainingArguments(deepspeed=...)``
 (ZeRO-3, persistence threshold 0; ``ep_train.register_deepspeed``), then ``trainer.save_model(<--out>/trainer)``.
@@ -120,6 +121,17 @@ def switch_off_ep_gather(record):
         return original(tensor, None, ep_group, *args, **kwargs)
 
     ep_save._gather_expert_parallel_tensor = local_slice_only
+
+    # Where every rank writes its own experts (`_gather_keys_to_write`): each rank's experts placed as EP rank 0's
+    original_keys = ep_save._gather_keys_to_write
+
+    def experts_placed_as_ep_rank_0(name, tensor, layout, *args, **kwargs):
+        if layout is not None:
+            record["expert_gathers_switched_off"] += 1
+            layout = layout._replace(ep_rank=0)
+        return original_keys(name, tensor, layout, *args, **kwargs)
+
+    ep_save._gather_keys_to_write = experts_placed_as_ep_rank_0
 
 
 def exchange_errors(control_group, error):

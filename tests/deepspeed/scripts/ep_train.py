@@ -11,7 +11,9 @@ from a DeepSpeed checkpoint (``--resume-from``, ``--first-step``) continues on t
 Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_model``; ``--save-from-state-dict``:
 rank 0 writes the engine's consolidated state dict, as accelerate's ZeRO-3 save does), ``--save-checkpoint`` (the
 engine's ``save_checkpoint``), ``--fail-save-after-shards N`` (rank 0's N+1-th shard write raises: a save that fails
-midway), ``--kill-save-after-shards N`` (rank 0 is killed there). With the Trainer, ``--save-steps`` checkpoints into
+midway), ``--kill-save-after-shards N`` (rank 0 is killed there; ``--fail-save-rank R``: rank R instead),
+``--single-writer`` (global rank 0 writes alone: no parallel write), ``--single-writer-save-dir`` (a second save,
+written by rank 0 alone, to compare with; each rank reports the bytes it wrote). With the Trainer, ``--save-steps`` checkpoints into
 ``--output-dir`` and ``--resume-from`` is its ``resume_from_checkpoint``. Nothing is asserted here: the test compares
 numbers.
 """
@@ -70,6 +72,11 @@ def parse_args():
     parser.add_argument("--max-shard-size", default="50GB")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
+    parser.add_argument("--fail-save-rank", type=int, default=0, help="the rank whose shard writes fail (or is killed)")
+    parser.add_argument("--single-writer", action="store_true",
+                        help="save_pretrained on every rank with global rank 0 writing alone (no parallel write)")
+    parser.add_argument("--single-writer-save-dir", default=None,
+                        help="after --save-dir, save again here with global rank 0 writing alone, for comparison")
     parser.add_argument("--die-at-step", type=int, default=None, help="rank 1 is SIGKILLed before this step")
     parser.add_argument("--offload", choices=["optimizer", "param"], nargs="*", default=[],
                         help="ZeRO-3 offload of the optimizer state and/or the parameters to CPU")
@@ -101,11 +108,12 @@ def rows_of(data: torch.Tensor, args, step: int) -> torch.Tensor:
     return data[start : start + args.micro_batch]
 
 
-def fail_rank0_shard_writes_after(count: int, kill: bool = False) -> None:
-    """Make rank 0's shard writes raise after `count` shards, as a full disk would, or kill rank 0 there."""
+def fail_rank0_shard_writes_after(count: int, kill: bool = False, failing_rank: int = 0) -> None:
+    """Make rank 0's (`failing_rank`'s) shard writes raise after `count` shard files, as a full disk would, or kill
+    it there."""
     from transformers.integrations import deepspeed_expert_parallel_save as ep_save
 
-    if rank() != 0:
+    if rank() != failing_rank:
         return
     shard_file, started = ep_save._StreamedSafetensorsFile, []
 
@@ -359,10 +367,14 @@ def main():
         module = train_trainer(args, registered, model, data, record)
     final = gathered_state(module)
     if args.save_dir and args.entry != "trainer":
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+
+        if args.single_writer:
+            ep_save.PARALLEL_WRITE = False
         if args.fail_save_after_shards is not None:
-            fail_rank0_shard_writes_after(args.fail_save_after_shards)
+            fail_rank0_shard_writes_after(args.fail_save_after_shards, failing_rank=args.fail_save_rank)
         if args.kill_save_after_shards is not None:
-            fail_rank0_shard_writes_after(args.kill_save_after_shards, kill=True)
+            fail_rank0_shard_writes_after(args.kill_save_after_shards, kill=True, failing_rank=args.fail_save_rank)
         if args.convert_whole_shards:
             from transformers.integrations import deepspeed_expert_parallel_save as ep_save
 
@@ -379,6 +391,12 @@ def main():
                 local_main = int(os.environ.get("LOCAL_RANK", 0)) == 0
                 model.save_pretrained(args.save_dir, max_shard_size=args.max_shard_size,
                                       is_main_process=local_main if args.save_on_each_node else rank() == 0)
+            record["save_bytes_written"] = ep_save.last_save_bytes_written
+            if args.single_writer_save_dir:
+                ep_save.PARALLEL_WRITE = False
+                model.save_pretrained(args.single_writer_save_dir, max_shard_size=args.max_shard_size,
+                                      is_main_process=rank() == 0)
+                record["single_writer_bytes_written"] = ep_save.last_save_bytes_written
         except Exception as e:
             record["save_error"] = f"{type(e).__name__}: {e}"
     if args.record_collectives:
