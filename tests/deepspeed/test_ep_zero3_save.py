@@ -243,3 +243,74 @@ class EPZero3SaveTest(unittest.TestCase):
         second = self.save_mixtral(saved, *save_args, steps=2).check().results()
         self.assertFalse(leftovers[0].exists(), "the next save left the killed save's directory behind")
         self.assert_checkpoint_holds(saved, assemble_experts(second, "final", ep_size=2), self.checkpoints["mixtral"])
+
+
+class ExpertWriterAssignmentTest(unittest.TestCase):
+    """Which rank writes which original key when every rank writes (single process: the plan alone decides)."""
+
+    def plan(self, family, save_original_format=True):
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+
+        tmp = Path(tempfile.mkdtemp(prefix="ep-writers-"))
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(make_checkpoint(family, tmp / family, seed=3).path,
+                                                     dtype=torch.float32)
+        state_dict = model.state_dict()
+        meta = ep_save._meta_state_dict(model, state_dict, lambda name, t: t.shape)
+        return state_dict, ep_save.plan_checkpoint(model, meta, "20KB", save_original_format=save_original_format)
+
+    @parameterized.expand([("qwen3_moe",), ("mixtral",)])
+    def test_each_rank_converts_its_own_experts_to_the_keys_of_the_whole_model(self, family):
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+        from transformers.integrations.deepspeed_expert_parallel import ExpertShardLayout
+
+        state_dict, plan = self.plan(family)
+        experts = {name: t for name, t in state_dict.items() if ".experts." in name}
+        self.assertTrue(experts)
+        for ep_size in (2, 4):
+            for name, tensor in experts.items():
+                whole = plan.revert({name: tensor})
+                held = set()
+                for ep_rank in range(ep_size):
+                    layout = ExpertShardLayout(tuple(tensor.shape), 0, ep_rank, ep_size)
+                    owners = ep_save._expert_rank_of_keys(plan.revert, name, layout)
+                    self.assertEqual(sorted(owners), sorted(whole), name)
+                    keys = ep_save._local_expert_keys(plan.revert, name, layout)
+                    self.assertIsNotNone(keys, name)
+                    part = plan.revert({name: tensor.chunk(ep_size)[ep_rank]})
+                    self.assertEqual(sorted(keys.values()), sorted(k for k, r in owners.items() if r == ep_rank))
+                    for key, value in part.items():
+                        self.assertTrue(torch.equal(value, whole[keys[key]]), f"{name}: {key} -> {keys[key]}")
+                    held |= set(keys.values())
+                self.assertEqual(held, set(whole), f"{name}: EP {ep_size}")
+            # Every key written once, each expert's by a rank holding it, the bytes shared out evenly
+            ep_ranks = [rank % 2 for rank in range(ep_size)]  # EP 2 x EDP ep_size / 2
+            layouts = {name: ExpertShardLayout(tuple(t.shape), 0, 0, 2) for name, t in experts.items()}
+            assignment = ep_save.assign_writers(plan, layouts, ep_ranks)
+            planned = {key for keys in assignment.shard_keys for key in keys}
+            self.assertEqual(set(assignment.key_writers), planned)
+            for name, tensor in experts.items():
+                owners = ep_save._expert_rank_of_keys(plan.revert, name, layouts[name])
+                for key, ep_rank in owners.items():
+                    self.assertEqual(ep_ranks[assignment.key_writers[key]], ep_rank, key)
+            sizes = [meta.nbytes for keys in assignment.shard_keys for meta in keys.values()]
+            share = sum(sizes) / ep_size
+            self.assertEqual(sum(assignment.bytes_per_rank), sum(sizes))
+            for count in assignment.bytes_per_rank:
+                self.assertLessEqual(abs(count - share), 0.1 * share + max(sizes), assignment.bytes_per_rank)
+
+    def test_experts_kept_fused_are_written_by_one_rank(self):
+        """`save_original_format=False`: each expert tensor is one key spanning every rank's experts, as gpt-oss
+        stores them: no rank can write it alone, the save falls back to the single writer."""
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+        from transformers.integrations.deepspeed_expert_parallel import ExpertShardLayout
+
+        state_dict, plan = self.plan("mixtral", save_original_format=False)
+        layouts = {name: ExpertShardLayout(tuple(t.shape), 0, 0, 2) for name, t in state_dict.items()
+                   if ".experts." in name}
+        for name, layout in layouts.items():
+            self.assertIsNone(ep_save._expert_rank_of_keys(plan.revert, name, layout), name)
+        self.assertIsNone(ep_save.assign_writers(plan, layouts, [0, 1]))
+        _, plan = self.plan("mixtral")
+        self.assertIsNotNone(ep_save.assign_writers(plan, layouts, [0, 1]))

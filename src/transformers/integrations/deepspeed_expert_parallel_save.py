@@ -639,40 +639,97 @@ class WriterAssignment(NamedTuple):
     bytes_per_rank: list
 
 
+# The size `_expert_rank_of_keys` cuts the probe's dimensions other than the experts' to: divisible by 2 to 6
+_PROBE_SIZE = 60
+
+
+def _expert_probe(layout, experts, first):
+    """
+    A probe of `experts` experts whose values are their expert index, from `first`: a view of an `arange` (no memory
+    of its shape), its other dimensions cut to at most `_PROBE_SIZE` (conversions split and copy along them: a probe
+    of the full shape would cost the model's size at every save). Returns the `arange` and the probe.
+    """
+    index = torch.arange(first, first + experts, dtype=torch.float64)
+    shape = [1] * len(layout.global_shape)
+    shape[layout.shard_dim] = experts
+    reduced = [
+        experts if dim == layout.shard_dim else min(size, _PROBE_SIZE) for dim, size in enumerate(layout.global_shape)
+    ]
+    return index, index.view(shape).expand(reduced)
+
+
+def _expert_range(value, index):
+    """The lowest and highest expert index in `value`, converted from a probe over `index` (`_expert_probe`): read
+    from its offset and strides where it is a view of the probe, from its values where the conversion copied it."""
+    if value.untyped_storage().data_ptr() == index.untyped_storage().data_ptr():
+        extents = [(size - 1) * stride for size, stride in zip(value.shape, value.stride())]
+        low = value.storage_offset() + sum(min(0, extent) for extent in extents)
+        high = value.storage_offset() + sum(max(0, extent) for extent in extents)
+        return int(index[low].item()), int(index[high].item())
+    return int(value.min().item()), int(value.max().item())
+
+
+_PROBE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+
+
 def _expert_rank_of_keys(revert, name, layout):
     """
     The expert-parallel rank holding each original key of the expert parameter `name` (`revert` splits it per
     expert, as Mixtral and Qwen3-MoE store their experts), or `None` when some key spans experts of several ranks
-    (fused experts, as gpt-oss stores them). Found by reverting a probe of the full shape whose values are the expert
-    index: a view of `arange(num_experts)` (no memory of the full shape), so each key's range of experts is read from
-    its offset and strides, or from its values where the conversion copied it.
+    (fused experts, as gpt-oss stores them). Found by reverting a probe of all the experts (`_expert_probe`), which
+    must give the keys the meta tensor of the full shape gives.
     """
     experts = layout.global_shape[layout.shard_dim]
     if experts % layout.ep_size:
         return None
-    shape = [1] * len(layout.global_shape)
-    shape[layout.shard_dim] = experts
-    index = torch.arange(experts, dtype=torch.float64)
-    probe = index.view(shape).expand(layout.global_shape)
+    index, probe = _expert_probe(layout, experts, 0)
     try:
         converted = revert({name: probe})
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError):
+        expected = revert({name: torch.empty(layout.global_shape, dtype=torch.float64, device="meta")})
+    except _PROBE_ERRORS:
         return None
-    owners = {}
+    if sorted(converted) != sorted(expected) or any(value.numel() == 0 for value in converted.values()):
+        return None
+    owners, per_rank = {}, experts // layout.ep_size
     for key, value in converted.items():
-        if value.numel() == 0:
-            return None
-        if value.untyped_storage().data_ptr() == index.untyped_storage().data_ptr():
-            extents = [(size - 1) * stride for size, stride in zip(value.shape, value.stride())]
-            low = value.storage_offset() + sum(min(0, extent) for extent in extents)
-            high = value.storage_offset() + sum(max(0, extent) for extent in extents)
-        else:
-            low, high = int(value.min().item()), int(value.max().item())
-        per_rank = experts // layout.ep_size
+        low, high = _expert_range(value, index)
         if low // per_rank != high // per_rank:
             return None
         owners[key] = low // per_rank
     return owners
+
+
+def _local_expert_keys(revert, name, layout):
+    """
+    What the conversion gives for this rank's experts alone (a tensor of its `num_experts // ep_size` experts, the
+    keys numbered from 0), as keys of the whole model: local key -> key, matched by expert, in the order the
+    conversion gives them, from probes (`_expert_probe`). `None` where it does not split them alike (a key holding
+    several experts, a conversion reading the number of experts elsewhere): the experts are then converted in a tensor
+    of the full shape.
+    """
+    experts = layout.global_shape[layout.shard_dim]
+    local = experts // layout.ep_size
+    first = layout.ep_rank * local
+
+    def keys_by_expert(count, start):
+        index, probe = _expert_probe(layout, count, start)
+        by_expert = {}
+        for key, value in revert({name: probe}).items():
+            low, high = _expert_range(value, index) if value.numel() else (None, -1)
+            if low != high:
+                return None
+            by_expert.setdefault(low, []).append(key)
+        return by_expert
+
+    try:
+        whole, part = keys_by_expert(experts, 0), keys_by_expert(local, first)
+    except _PROBE_ERRORS:
+        return None
+    if whole is None or part is None or sorted(part) != list(range(first, first + local)):
+        return None
+    if any(len(keys) != len(whole.get(expert, ())) for expert, keys in part.items()):
+        return None
+    return {key: whole_key for expert, keys in part.items() for key, whole_key in zip(keys, whole[expert])}
 
 
 def assign_writers(plan, layouts, ep_ranks):
@@ -737,8 +794,9 @@ def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
     2. (every rank writing) The original keys of the model tensor `name` that this rank writes, with their values
     (often none). A collective, as `_gather_expert_parallel_tensor`, through which tensors written whole reach their
     one writer. Experts stored one tensor per expert are gathered over their ZeRO-3 partitions only (the
-    expert-data-parallel group): this rank's experts are placed at their position in a tensor of the full shape left
-    unfilled elsewhere (never touched, those pages are not allocated), which the conversion splits per expert.
+    expert-data-parallel group) and converted alone, their keys renamed as the whole model's (`_local_expert_keys`);
+    where the conversion cannot take them alone, placed at their position in a tensor of the full shape, left
+    unfilled elsewhere, which the conversion splits per expert.
     """
     import deepspeed
 
@@ -748,14 +806,21 @@ def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
         full = _gather_expert_parallel_tensor(tensor, layout, ep_group, writers=(writer,))
         return {} if full is None else revert({name: full})
     mine = {key for key in assignment.expert_keys[name] if assignment.key_writers[key] == rank}
+    local_keys = _local_expert_keys(revert, name, layout) if mine else None
     with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
         if not mine:
             return {}
         local = tensor.data
-        full = torch.empty(layout.global_shape, dtype=local.dtype, device="cpu")
-        size = local.shape[layout.shard_dim]
-        full.narrow(layout.shard_dim, layout.ep_rank * size, size).copy_(local)
-    return {key: value for key, value in revert({name: full}).items() if key in mine}
+        if local_keys is not None:
+            experts = local.to("cpu", copy=True)
+        else:
+            experts = torch.empty(layout.global_shape, dtype=local.dtype, device="cpu")
+            size = local.shape[layout.shard_dim]
+            experts.narrow(layout.shard_dim, layout.ep_rank * size, size).copy_(local)
+    converted = revert({name: experts})
+    if local_keys is not None:
+        converted = {local_keys[key]: value for key, value in converted.items()}
+    return {key: value for key, value in converted.items() if key in mine}
 
 
 def _write_shard_in_parallel(staging, shard_file, names, keys, assignment, fetch, release_memory, meta_state_dict):
