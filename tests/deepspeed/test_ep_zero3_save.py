@@ -284,25 +284,51 @@ class ExpertWriterAssignmentTest(unittest.TestCase):
                         self.assertTrue(torch.equal(value, whole[keys[key]]), f"{name}: {key} -> {keys[key]}")
                     held |= set(keys.values())
                 self.assertEqual(held, set(whole), f"{name}: EP {ep_size}")
-            # Every key written once, each expert's by a rank holding it, the bytes shared out evenly
             ep_ranks = [rank % 2 for rank in range(ep_size)]  # EP 2 x EDP ep_size / 2
             layouts = {name: ExpertShardLayout(tuple(t.shape), 0, 0, 2) for name, t in experts.items()}
-            assignment = ep_save.assign_writers(plan, layouts, ep_ranks)
-            planned = {key for keys in assignment.shard_keys for key in keys}
-            self.assertEqual(set(assignment.key_writers), planned)
-            for name, tensor in experts.items():
-                owners = ep_save._expert_rank_of_keys(plan.revert, name, layouts[name])
-                for key, ep_rank in owners.items():
-                    self.assertEqual(ep_ranks[assignment.key_writers[key]], ep_rank, key)
-            sizes = [meta.nbytes for keys in assignment.shard_keys for meta in keys.values()]
-            share = sum(sizes) / ep_size
-            self.assertEqual(sum(assignment.bytes_per_rank), sum(sizes))
-            for count in assignment.bytes_per_rank:
-                self.assertLessEqual(abs(count - share), 0.1 * share + max(sizes), assignment.bytes_per_rank)
+            for by_element in (False, True):
+                assignment = ep_save.assign_writers(plan, layouts, ep_ranks, by_element=by_element)
+                self.assert_each_byte_written_once(plan, assignment, layouts, ep_ranks)
+                if by_element:
+                    # Every tensor but the experts' gate and up projections (split, then copied, per expert) is
+                    # written in place by every rank
+                    self.assertEqual(sorted([*assignment.key_offsets, *assignment.expert_keys]),
+                                     sorted(plan.meta_state_dict), by_element)
+                    self.assertTrue(all(name.endswith("gate_up_proj") for name in assignment.expert_keys))
 
-    def test_experts_kept_fused_are_written_by_one_rank(self):
+    def assert_each_byte_written_once(self, plan, assignment, layouts, ep_ranks):
+        """Each key written whole by one rank (an expert's by a rank holding it) or by element ranges that tile it,
+        each rank's within its own experts; the bytes shared out evenly."""
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+
+        planned = {key: meta for keys in assignment.shard_keys for key, meta in keys.items()}
+        in_place = {key: name for name, offsets in assignment.key_offsets.items() for key in offsets}
+        self.assertEqual(sorted([*assignment.key_writers, *in_place]), sorted(planned))
+        for name in assignment.expert_keys:
+            owners = ep_save._expert_rank_of_keys(plan.revert, name, layouts[name])
+            for key, ep_rank in owners.items():
+                self.assertEqual(ep_ranks[assignment.key_writers[key]], ep_rank, key)
+        for name, ranges in assignment.element_ranges.items():
+            numel = plan.meta_state_dict[name].numel()
+            self.assertEqual(sorted(ranges)[0][0], 0, name)
+            self.assertEqual(max(end for _, end in ranges), numel, name)
+            for (_, end), (start, _) in zip(sorted(ranges), sorted(ranges)[1:]):
+                self.assertEqual(end, start, f"{name}: {ranges}")
+            if name in layouts:
+                per_rank = numel // layouts[name].ep_size
+                for rank, (start, end) in enumerate(ranges):
+                    self.assertLessEqual(ep_ranks[rank] * per_rank, start, f"{name}: rank {rank}")
+                    self.assertLessEqual(end, (ep_ranks[rank] + 1) * per_rank, f"{name}: rank {rank}")
+        sizes = [meta.nbytes for meta in planned.values()]
+        share = sum(sizes) / len(ep_ranks)
+        self.assertEqual(sum(assignment.bytes_per_rank), sum(sizes))
+        for count in assignment.bytes_per_rank:
+            self.assertLessEqual(abs(count - share), 0.1 * share + max(sizes), assignment.bytes_per_rank)
+
+    def test_experts_kept_fused_are_written_in_place_by_every_rank(self):
         """`save_original_format=False`: each expert tensor is one key spanning every rank's experts, as gpt-oss
-        stores them: no rank can write it alone, the save falls back to the single writer."""
+        stores them: each rank writes the byte range of the experts it holds; without writing in place (partitions
+        not readable) no rank can write such a key alone, the save falls back to the single writer."""
         from transformers.integrations import deepspeed_expert_parallel_save as ep_save
         from transformers.integrations.deepspeed_expert_parallel import ExpertShardLayout
 
@@ -311,6 +337,10 @@ class ExpertWriterAssignmentTest(unittest.TestCase):
                    if ".experts." in name}
         for name, layout in layouts.items():
             self.assertIsNone(ep_save._expert_rank_of_keys(plan.revert, name, layout), name)
-        self.assertIsNone(ep_save.assign_writers(plan, layouts, [0, 1]))
+        for ep_ranks in ([0, 1], [0, 1, 0, 1]):
+            assignment = ep_save.assign_writers(plan, layouts, ep_ranks)
+            self.assertEqual(sorted(assignment.key_offsets), sorted(plan.meta_state_dict))
+            self.assert_each_byte_written_once(plan, assignment, layouts, ep_ranks)
+        self.assertIsNone(ep_save.assign_writers(plan, layouts, [0, 1], by_element=False))
         _, plan = self.plan("mixtral")
-        self.assertIsNotNone(ep_save.assign_writers(plan, layouts, [0, 1]))
+        self.assertIsNotNone(ep_save.assign_writers(plan, layouts, [0, 1], by_element=False))

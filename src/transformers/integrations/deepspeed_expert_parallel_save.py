@@ -40,6 +40,7 @@ import collections
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -264,17 +265,73 @@ class _StreamedSafetensorsFile:
         entry = self.entries[name]
         if list(tensor.shape) != entry["shape"] or self._DTYPES[tensor.dtype] != entry["dtype"]:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {entry}")
-        self.file.seek(self.data_start + entry["data_offsets"][0])
+        position = self.data_start + entry["data_offsets"][0]
+        self.file.seek(position)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
         self.file.write(data)
+        self.file.flush()
+        _start_writeback(self.file.fileno(), position, data.nbytes)
         self.written.add(name)
         self.bytes_written += data.nbytes
 
-    def finish(self, expected=None):
-        """Close the file once the tensors `expected` (all of them by default) are written."""
+    # The bytes `write_elements` copies from an accelerator at a time
+    _COPY_CHUNK_BYTES = 64 << 20
+
+    def write_elements(self, name, first, values):
+        """
+        Write the flat 1-D `values` as the elements of the tensor `name` from its `first` element on, at their offset
+        in the file (`os.pwrite`: several processes write parts of one tensor). Copied to the CPU in chunks of at most
+        `_COPY_CHUNK_BYTES`; CPU tensors are written without a copy.
+        """
+        entry, size = self.entries[name], values.element_size()
+        if self._DTYPES[values.dtype] != entry["dtype"] or values.dim() != 1:
+            raise ValueError(f"{name}: got {values.dtype} {list(values.shape)} to write as part of {entry}")
+        start, end = entry["data_offsets"]
+        position = self.data_start + start + first * size
+        if position + values.numel() * size > self.data_start + end:
+            raise ValueError(f"{name}: elements {first} to {first + values.numel()} are past its end ({entry})")
+        self.file.flush()  # the header, written through the buffer, goes before
+        step = max(1, self._COPY_CHUNK_BYTES // size)
+        for chunk in values.detach().split(step):
+            data = chunk.to("cpu").contiguous().view(torch.uint8).numpy().data
+            while data:
+                count = os.pwrite(self.file.fileno(), data, position)
+                _start_writeback(self.file.fileno(), position, count)
+                data, position = data[count:], position + count
+                self.bytes_written += count
+
+    def numel(self, name):
+        """The number of elements of the tensor `name`."""
+        return math.prod(self.entries[name]["shape"])
+
+    def finish(self, expected=None, expected_bytes=None):
+        """Close the file once the tensors `expected` (all of them by default) and `expected_bytes` are written."""
         if missing := set(self.entries if expected is None else expected) - self.written:
             raise RuntimeError(f"Tensors planned but not written: {sorted(missing)}")
+        if expected_bytes is not None and self.bytes_written != expected_bytes:
+            raise RuntimeError(f"Wrote {self.bytes_written} bytes of tensor data, planned {expected_bytes}")
         self.file.close()
+
+
+_sync_file_range = None
+# sync_file_range(2)'s SYNC_FILE_RANGE_WRITE: start writing the range back, without waiting
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(descriptor, position, count):
+    """
+    Have the kernel start writing `count` bytes at `position` of the file to disk now (Linux), so that the sync before
+    the commit finds most of the checkpoint written already instead of all of it at once.
+    """
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            _sync_file_range = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+            _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(descriptor, position, count, _SYNC_FILE_RANGE_WRITE)
 
 
 _malloc_trim = None
@@ -629,7 +686,7 @@ class WriterAssignment(NamedTuple):
 
     # Per shard, in the order of the plan's shards: its tensors in the original key layout (meta tensors), in file order
     shard_keys: list
-    # Original key -> the global rank that writes it
+    # Original key -> the global rank that writes it (keys written whole by one rank)
     key_writers: dict
     # Model tensor -> the global rank it is gathered onto whole (dense tensors)
     tensor_writers: dict
@@ -637,6 +694,55 @@ class WriterAssignment(NamedTuple):
     expert_keys: dict
     # The bytes of tensor data each global rank writes
     bytes_per_rank: list
+    # Model tensor -> {original key: its first element in the tensor}, for tensors each of whose keys is a contiguous
+    # range of it: every rank writes the elements it holds (`elements_held`), nothing is gathered
+    key_offsets: dict = {}
+    # Model tensor in `key_offsets` -> per global rank, the elements `(start, end)` it holds and writes
+    element_ranges: dict = {}
+    # Global rank -> its index in its expert-data-parallel group (ZeRO-3's partition of its experts)
+    edp_ranks: tuple = ()
+
+
+def _contiguous_key_offsets(revert, name, meta):
+    """
+    For the model tensor `name` (`meta`, of its full shape, not a view): {original key: its first element} when the
+    conversion
+    back to the original layout gives each key as a contiguous range of the tensor's elements, unconverted (a rename,
+    a slice along the first dimensions: experts stored one tensor per expert, or fused as gpt-oss stores them), seen
+    on meta tensors as views of it. `None` otherwise (a copy, a transpose, a dtype cast, keys built from several
+    tensors): the tensor is then gathered whole for its writer.
+    """
+    source = meta
+    try:
+        converted = revert({name: source})
+    except _PROBE_ERRORS:
+        return None
+    offsets = {}
+    for key, value in converted.items():
+        is_view = value is source or (value._is_view() and value._base is source)
+        if not is_view or not value.is_contiguous() or value.dtype != source.dtype or value.numel() == 0:
+            return None
+        offsets[key] = value.storage_offset()
+    return offsets
+
+
+def elements_held(numel, layout, rank, ep_ranks, edp_ranks):
+    """
+    The elements `[start, end)` of a tensor of `numel` elements (flattened, full shape) that global `rank` holds as
+    ZeRO-3 partitions it, and writes when its keys are contiguous ranges (`_contiguous_key_offsets`): a dense tensor
+    is partitioned over all ranks, an expert tensor is this rank's experts (`layout`, sharded on the first dimension)
+    partitioned over its expert-data-parallel group, each part `ceil(n / parts)` elements as DeepSpeed pads them, in
+    the order of the ranks in the group (`ep_ranks` / `edp_ranks`: each global rank's index in its expert-parallel /
+    expert-data-parallel group).
+    """
+    if layout is None:
+        count, parts, index, base = numel, len(ep_ranks), rank, 0
+    else:
+        count = numel // layout.ep_size
+        parts, index, base = len(ep_ranks) // layout.ep_size, edp_ranks[rank], ep_ranks[rank] * count
+    size = -(-count // parts)
+    start = min(index * size, count)
+    return base + start, base + min(start + size, count)
 
 
 # The size `_expert_rank_of_keys` cuts the probe's dimensions other than the experts' to: divisible by 2 to 6
@@ -732,22 +838,52 @@ def _local_expert_keys(revert, name, layout):
     return {key: whole_key for expert, keys in part.items() for key, whole_key in zip(keys, whole[expert])}
 
 
-def assign_writers(plan, layouts, ep_ranks):
+def _default_edp_ranks(ep_ranks):
+    """Each global rank's index among the ranks holding the same experts, in rank order (the expert mesh's order)."""
+    seen = collections.Counter()
+    indices = []
+    for ep_rank in ep_ranks:
+        indices.append(seen[ep_rank])
+        seen[ep_rank] += 1
+    return tuple(indices)
+
+
+def _reverting_each_meta_tensor_once(revert):
+    """`revert`, remembering what it gave for each meta tensor alone (the plan converts each tensor several times)."""
+    converted = {}
+
+    def revert_once(state_dict):
+        if len(state_dict) != 1 or next(iter(state_dict.values())).device.type != "meta":
+            return revert(state_dict)
+        ((name, tensor),) = state_dict.items()
+        if (name, id(tensor)) not in converted:
+            converted[name, id(tensor)] = tensor, revert(state_dict)  # the tensor kept: its id stays its own
+        return converted[name, id(tensor)][1]
+
+    return revert_once
+
+
+def assign_writers(plan, layouts, ep_ranks, edp_ranks=None, by_element=True):
     """
-    Every rank writes (`ep_ranks`: each global rank's expert-parallel rank): each original key of an expert stored one
-    tensor per expert goes to the least loaded rank holding that expert (no gather across the expert-parallel group),
-    then each dense tensor, largest first, whole to the least loaded rank. From the plan alone, so the same on every
-    rank. `None` when a shard cannot be streamed tensor by tensor (a conversion needing several tensors at once) or
-    experts are stored fused, a key spanning the experts of several ranks (gpt-oss): the save is then written by one
-    rank.
+    Every rank writes (`ep_ranks` / `edp_ranks`: each global rank's index in its expert-parallel / expert-data-parallel
+    group). A tensor whose every original key is a contiguous range of it (`_contiguous_key_offsets`; with
+    `by_element`) is written by every rank, each the elements it holds as ZeRO-3 partitions them (`elements_held`):
+    nothing gathered, each byte written once. Then each original key of an expert stored one tensor per expert goes to
+    the least loaded rank holding that expert (no gather across the expert-parallel group), then each other dense
+    tensor, largest first, whole to the least loaded rank. From the plan alone, so the same on every rank. `None` when
+    a shard cannot be streamed tensor by tensor (a conversion needing several tensors at once), or experts stored fused
+    (a key spanning the experts of several ranks) need a conversion: the save is then written by one rank.
     """
+    edp_ranks = _default_edp_ranks(ep_ranks) if edp_ranks is None else tuple(edp_ranks)
+    revert = _reverting_each_meta_tensor_once(plan.revert)
     shard_keys = []
     for names, converted in zip(plan.shards.values(), plan.converted_shards):
-        keys = _plan_streamed_shard(plan.revert, plan.meta_state_dict, names, converted)
+        keys = _plan_streamed_shard(revert, plan.meta_state_dict, names, converted)
         if keys is None:
             return None
         shard_keys.append(keys)
     sizes = {key: meta.numel() * meta.element_size() for keys in shard_keys for key, meta in keys.items()}
+    metas = {key: meta for keys in shard_keys for key, meta in keys.items()}
     loads = [0] * len(ep_ranks)
 
     def give(keys, candidates):
@@ -757,36 +893,109 @@ def assign_writers(plan, layouts, ep_ranks):
             loads[writer] += sizes[key]
         return writer
 
-    key_writers, tensor_writers, expert_keys, whole = {}, {}, {}, []
+    key_writers, tensor_writers, expert_keys, key_offsets, element_ranges, whole = {}, {}, {}, {}, {}, []
     for names in plan.shards.values():
         for name in names:
-            layout = layouts.get(name)
+            layout, meta = layouts.get(name), plan.meta_state_dict[name]
+            offsets = _contiguous_key_offsets(revert, name, meta) if by_element else None
+            if offsets is not None and (layout is None or layout.shard_dim == 0):
+                key_offsets[name] = offsets
+                element_ranges[name] = [
+                    elements_held(meta.numel(), layout, rank, ep_ranks, edp_ranks) for rank in range(len(ep_ranks))
+                ]
+                for rank, (start, end) in enumerate(element_ranges[name]):
+                    for key, first in offsets.items():
+                        overlap = min(end, first + metas[key].numel()) - max(start, first)
+                        loads[rank] += max(0, overlap) * meta.element_size()
+                continue
             owners = None if layout is None else _expert_rank_of_keys(plan.revert, name, layout)
-            keys = list(plan.revert({name: plan.meta_state_dict[name]}))
+            keys = list(revert({name: meta}))
             if layout is None:
                 whole.append((name, keys))
                 continue
             if owners is None or sorted(owners) != sorted(keys):
-                # Experts stored fused (gpt-oss): written by rank 0 alone, as before, until a test covers them here
+                # Experts stored fused and converted (a key spanning ranks, not a range of the tensor): one writer
                 return None
             expert_keys[name] = keys
             for key, ep_rank in owners.items():
                 give([key], [rank for rank, held in enumerate(ep_ranks) if held == ep_rank])
     for name, keys in sorted(whole, key=lambda item: -sum(sizes[key] for key in item[1])):
         tensor_writers[name] = give(keys, range(len(ep_ranks)))
-    return WriterAssignment(shard_keys, key_writers, tensor_writers, expert_keys, loads)
+    return WriterAssignment(
+        shard_keys, key_writers, tensor_writers, expert_keys, loads, key_offsets, element_ranges, edp_ranks
+    )
 
 
 def _assign_writers_if_parallel(plan, layouts, calls, writers):
     """
     The writers of a collective save where every rank writes (`assign_writers`), from each rank's `(is_main_process,
-    hostname, ep_rank)`; `None` where global rank 0 writes alone: every rank must share one file system, which only one
-    host guarantees (per-node disks, or a save on each node, keep the single writer per node), and each tensor must
-    convert back on its own.
+    hostname, ep_rank, edp_rank, partitions_readable)`; `None` where global rank 0 writes alone: every rank must share
+    one file system, which only one host guarantees (per-node disks, or a save on each node, keep the single writer
+    per node), and each tensor must convert back on its own. Ranks write the elements they hold in place only where
+    every rank can read its ZeRO-3 partitions (`_partitions_readable`).
     """
-    if not PARALLEL_WRITE or writers != [0] or len({host for _, host, _ in calls}) > 1:
+    if not PARALLEL_WRITE or writers != [0] or len({call[1] for call in calls}) > 1:
         return None
-    return assign_writers(plan, layouts, [ep_rank for _, _, ep_rank in calls])
+    ep_ranks, edp_ranks = [call[2] for call in calls], [call[3] for call in calls]
+    return assign_writers(plan, layouts, ep_ranks, edp_ranks, by_element=all(call[4] for call in calls))
+
+
+def _partitions_readable(tensors):
+    """
+    Whether this rank can read every ZeRO-3 partition it holds in memory: not where DeepSpeed swaps parameters to
+    NVMe, nor where it quantized frozen ones (ZeRO++); such saves gather every tensor instead.
+    """
+    for tensor in tensors.values():
+        partition = getattr(tensor, "ds_tensor", None)
+        if partition is None:
+            continue
+        if getattr(partition, "final_location", None) == "nvme" or hasattr(partition, "ds_quant_scale"):
+            return False
+    return True
+
+
+def _elements_to_write(name, tensor, layout, assignment):
+    """
+    The elements this rank holds of the model tensor `name` (`assignment.element_ranges`, flattened, as one 1-D
+    tensor, without a copy) and the first one's index: its ZeRO-3 partition (`ds_tensor`, checked to be the partition
+    planned), or the same range of the whole local tensor before DeepSpeed partitioned it.
+    """
+    rank = torch.distributed.get_rank()
+    start, end = assignment.element_ranges[name][rank]
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is None:
+        local_start = start if layout is None else start - layout.ep_rank * (tensor.numel())
+        return start, tensor.data.reshape(-1)[local_start : local_start + end - start]
+    group_rank = torch.distributed.get_rank(group=tensor.ds_process_group)
+    planned = rank if layout is None else assignment.edp_ranks[rank]
+    if group_rank != planned or partition.ds_numel < end - start:
+        raise RuntimeError(
+            f"{name}: DeepSpeed holds partition {group_rank} ({partition.ds_numel} elements) on rank {rank}, the save "
+            f"planned partition {planned} (elements {start} to {end})."
+        )
+    return start, partition.reshape(-1)[: end - start]
+
+
+def _write_elements_held(shard, name, tensor, layout, assignment):
+    """3. (every rank writing) This rank's elements of each original key of `name` (`_elements_to_write`), in place."""
+    start, values = _elements_to_write(name, tensor, layout, assignment)
+    end = start + values.numel()
+    for key, first in assignment.key_offsets[name].items():
+        low, high = max(start, first), min(end, first + shard.numel(key))
+        if low < high:
+            shard.write_elements(key, low - first, values[low - start : high - start])
+
+
+def _bytes_planned(assignment, keys, rank):
+    """The bytes of tensor data `rank` writes into the shard of `keys` (original key -> meta tensor)."""
+    total = sum(meta.nbytes for key, meta in keys.items() if assignment.key_writers.get(key) == rank)
+    for name, offsets in assignment.key_offsets.items():
+        start, end = assignment.element_ranges[name][rank]
+        for key, first in offsets.items():
+            if key in keys:
+                overlap = min(end, first + keys[key].numel()) - max(start, first)
+                total += max(0, overlap) * keys[key].element_size()
+    return total
 
 
 def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
@@ -807,34 +1016,61 @@ def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
         return {} if full is None else revert({name: full})
     mine = {key for key in assignment.expert_keys[name] if assignment.key_writers[key] == rank}
     local_keys = _local_expert_keys(revert, name, layout) if mine else None
-    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+    with _gathered_over_partitions(tensor) as local:
         if not mine:
             return {}
-        local = tensor.data
         if local_keys is not None:
-            experts = local.to("cpu", copy=True)
-        else:
-            experts = torch.empty(layout.global_shape, dtype=local.dtype, device="cpu")
-            size = local.shape[layout.shard_dim]
-            experts.narrow(layout.shard_dim, layout.ep_rank * size, size).copy_(local)
+            # Converted while gathered; the keys that are views of it copied out (the gathered memory is freed below)
+            converted = {local_keys[key]: value for key, value in revert({name: local}).items()}
+            return {key: _copied_out_of(value, local) for key, value in converted.items() if key in mine}
+        experts = torch.empty(layout.global_shape, dtype=local.dtype, device="cpu")
+        size = local.shape[layout.shard_dim]
+        experts.narrow(layout.shard_dim, layout.ep_rank * size, size).copy_(local)
     converted = revert({name: experts})
-    if local_keys is not None:
-        converted = {local_keys[key]: value for key, value in converted.items()}
     return {key: value for key, value in converted.items() if key in mine}
 
 
-def _write_shard_in_parallel(staging, shard_file, names, keys, assignment, fetch, release_memory, meta_state_dict):
+@contextlib.contextmanager
+def _gathered_over_partitions(tensor):
     """
-    3. (every rank writing) This rank's part of one shard: global rank 0 writes the header, each rank the tensors
-    assigned to it at their planned offsets in the same file (`_StreamedSafetensorsFile`, created by whichever opens
-    it first, never truncated), then syncs it. `fetch(name)` (on every rank, a collective) gives this rank's keys of
-    each tensor. Returns the bytes written and this rank's error (`None` when it succeeded).
+    The data of `tensor` whole over its ZeRO-3 partitions (`GatheredParameters`, a collective of the ranks that
+    partition it), read in place where one rank holds it all (an expert-data-parallel group of one rank).
+    """
+    import deepspeed
+
+    group = getattr(tensor, "ds_process_group", None)
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is not None and group is not None and torch.distributed.get_world_size(group=group) == 1:
+        yield partition.reshape(-1)[: tensor.ds_numel].view(tensor.ds_shape)
+        return
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+        yield tensor.data
+
+
+def _copied_out_of(value, source):
+    """`value` on the CPU, copied when it shares the memory of `source`."""
+    if value.device.type == "cpu" and value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return value.clone()
+    return value.to("cpu")
+
+
+def _write_shard_in_parallel(
+    staging, shard_file, names, keys, assignment, fetch, write_held, release_memory, meta_state_dict
+):
+    """
+    3. (every rank writing) This rank's part of one shard: global rank 0 writes the header, each rank its part at the
+    planned offsets in the same file (`_StreamedSafetensorsFile`, created by whichever opens it first, never
+    truncated), then syncs it. Tensors whose keys are ranges of them (`assignment.key_offsets`): `write_held(shard,
+    name)` writes the elements this rank holds, no collective. The others: `fetch(name)` (on every rank, a collective)
+    gives this rank's keys of the tensor, written whole. Returns the bytes written and this rank's error (`None` when it
+    succeeded).
     """
     rank = torch.distributed.get_rank()
     path = os.path.join(staging, shard_file)
-    mine = [key for key in keys if assignment.key_writers[key] == rank]
+    mine = [key for key in keys if assignment.key_writers.get(key) == rank]
+    planned = _bytes_planned(assignment, keys, rank)
     shard, error = None, None
-    if mine or rank == 0:
+    if planned or rank == 0:
         error, shard = _unless_failed(None, _StreamedSafetensorsFile, path, keys, {"format": "pt"}, rank == 0)
 
     def write(values):
@@ -842,12 +1078,16 @@ def _write_shard_in_parallel(staging, shard_file, names, keys, assignment, fetch
             shard.write(key, value)
 
     def finish():
-        shard.finish(mine)
-        _fsync(path)
+        # Synced once every rank has written, before the commit (`_commit_checkpoint`): the ranks write one file
+        shard.finish(mine, planned)
         return shard.bytes_written
 
     try:
         for name in names:
+            if name in assignment.key_offsets:
+                if shard is not None:
+                    error, _ = _unless_failed(error, write_held, shard, name)
+                continue
             # After its collectives, a conversion may fail: reported like a failed write
             fetch_error, values = _unless_failed(None, fetch, name)
             error = error or fetch_error
@@ -865,7 +1105,9 @@ def _write_shard_in_parallel(staging, shard_file, names, keys, assignment, fetch
     return written or 0, error
 
 
-def write_planned_checkpoint_in_parallel(model, save_directory, plan, assignment, fetch, release_memory=False):
+def write_planned_checkpoint_in_parallel(
+    model, save_directory, plan, assignment, fetch, write_held, release_memory=False
+):
     """
     `write_planned_checkpoint` with every rank writing its part (`assign_writers`), a collective: global rank 0 stages
     the checkpoint in a hidden directory inside `save_directory` and shares its name, every rank writes its tensors of
@@ -890,7 +1132,7 @@ def write_planned_checkpoint_in_parallel(model, save_directory, plan, assignment
         bytes_written = 0
         for (shard_file, names), keys in zip(plan.shards.items(), assignment.shard_keys):
             written, error = _write_shard_in_parallel(
-                staging, shard_file, names, keys, assignment, fetch, release_memory, plan.meta_state_dict
+                staging, shard_file, names, keys, assignment, fetch, write_held, release_memory, plan.meta_state_dict
             )
             bytes_written += written
             _raise_on_every_rank_if_any_failed(error, f"Saving the model (writing {shard_file})")
@@ -1006,8 +1248,10 @@ def save_expert_parallel_model_under_zero3(
     last_save_bytes_written = 0
     if collective:
         calls = [None] * dist.get_world_size()
-        ep_rank = model._mesh_manager.get_mesh("ep").get_local_rank()
-        dist.all_gather_object(calls, (bool(is_main_process), socket.gethostname(), ep_rank))
+        mesh = model._mesh_manager
+        ep_rank, edp_rank = mesh.get_mesh("ep").get_local_rank(), mesh.get_mesh("efsdp").get_local_rank()
+        call = (bool(is_main_process), socket.gethostname(), ep_rank, edp_rank, _partitions_readable(tensors))
+        dist.all_gather_object(calls, call)
         writers = _writing_ranks([call[:2] for call in calls])
         if not writers:
             return
@@ -1017,8 +1261,11 @@ def save_expert_parallel_model_under_zero3(
             def fetch_keys_to_write(name):
                 return _gather_keys_to_write(name, tensors[name], layout.get(name), ep_group, plan.revert, assignment)
 
+            def write_held(shard, name):
+                _write_elements_held(shard, name, tensors[name], layout.get(name), assignment)
+
             last_save_bytes_written = write_planned_checkpoint_in_parallel(
-                model, save_directory, plan, assignment, fetch_keys_to_write, release_memory=True
+                model, save_directory, plan, assignment, fetch_keys_to_write, write_held, release_memory=True
             )
             return
     else:
