@@ -18,7 +18,7 @@ from parameterized import parameterized
 
 from tests.fork_utils.expert_state import assemble_experts
 from tests.fork_utils.launcher import CONFIG_DIR, launch
-from tests.fork_utils.mounts import mount_tmpfs, unmount
+from tests.fork_utils.mounts import mount_tmpfs, remount_tmpfs, unmount, used_bytes
 from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkpoint
 
 
@@ -32,8 +32,9 @@ SAVE_PATHS = [
     ("state_dict", ["--save-from-state-dict"], False),
     ("gathered_into_mount_point", [], True),
 ]
-# A save where every rank writes, failing on the other rank than the one that writes headers and commits
+# A save where every rank writes, failing on (or killing) the other rank than the one that writes headers and commits
 FAILED_SAVE_PATHS = [*SAVE_PATHS, ("gathered_rank_1_fails", ["--fail-save-rank", 1], False)]
+KILLED_SAVE_PATHS = [*SAVE_PATHS, ("gathered_rank_1_killed", ["--fail-save-rank", 1], False)]
 
 
 def checkpoint_files(directory: Path) -> dict[str, bytes]:
@@ -62,6 +63,7 @@ class EPZero3SaveTest(unittest.TestCase):
         cls.checkpoints = {
             "qwen3_moe": make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=41).path,
             "mixtral": make_checkpoint("mixtral", cls.tmp / "mixtral", seed=42).path,
+            "gpt_oss": make_checkpoint("gpt_oss", cls.tmp / "gpt_oss", seed=43).path,
         }
 
     @classmethod
@@ -92,7 +94,8 @@ class EPZero3SaveTest(unittest.TestCase):
         self.assertNotIn("distributed_config", config)
         self.assertEqual(checkpoint_keys_and_shapes(saved), checkpoint_keys_and_shapes(family_checkpoint),
                          "keys and shapes must be those of a plain single-process save_pretrained")
-        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+        dtype = next(iter(expected.values())).dtype
+        reloaded = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).state_dict()
         self.assertEqual(set(reloaded), set(expected))
         for name, tensor in expected.items():
             self.assertTrue(torch.equal(reloaded[name], tensor), f"{name} differs from the training state")
@@ -107,19 +110,26 @@ class EPZero3SaveTest(unittest.TestCase):
             self.assertLessEqual(abs(count - share), 0.1 * share + largest,
                                  f"rank {rank} wrote {count} bytes, its share is {share:.0f} (largest {largest})")
 
+    # (checkpoint, max_shard_size, whole_shards, nproc, bf16): each family on 2 ranks, Mixtral and gpt-oss (experts
+    # saved fused: one key spanning the ranks) on 4 ranks (EP 2 x EDP 2), Qwen3-MoE and gpt-oss in bf16 too
     @parameterized.expand([
-        ("qwen3_moe", "50GB", False, 2),
-        ("mixtral", "20KB", False, 2),
-        ("mixtral", "20KB", True, 2),
-        ("mixtral_ep2_edp2", "20KB", False, 4),
+        ("qwen3_moe", "50GB", False, 2, False),
+        ("qwen3_moe", "50GB", False, 2, True),
+        ("mixtral", "20KB", False, 2, False),
+        ("mixtral", "20KB", True, 2, False),
+        ("mixtral_ep2_edp2", "20KB", False, 4, False),
+        ("gpt_oss", "20KB", False, 2, False),
+        ("gpt_oss_ep2_edp2", "20KB", False, 4, True),
     ])
-    def test_round_trip_after_training(self, checkpoint, max_shard_size, whole_shards, nproc):
-        """Every rank writes its part of each shard (experts by the ranks holding them), byte for byte the checkpoint
-        global rank 0 writes alone, saved again after it for comparison; or (`whole_shards`, for conversions that
-        need several tensors at once) rank 0 alone collects each shard and converts it whole."""
-        saved = self.tmp / f"saved-{checkpoint}-{max_shard_size}-{whole_shards}-{nproc}"
+    def test_round_trip_after_training(self, checkpoint, max_shard_size, whole_shards, nproc, bf16):
+        """Every rank writes its part of each shard (experts by the ranks holding them, tensors stored as ranges of
+        them by every rank from its ZeRO-3 partition), byte for byte the checkpoint global rank 0 writes alone, saved
+        again after it for comparison; or (`whole_shards`, for conversions that need several tensors at once) rank 0
+        alone collects each shard and converts it whole."""
+        saved = self.tmp / f"saved-{checkpoint}-{max_shard_size}-{whole_shards}-{nproc}-{bf16}"
         single_writer = saved.with_name(saved.name + "-single-writer")
         extra = ["--convert-whole-shards"] if whole_shards else ["--single-writer-save-dir", single_writer]
+        extra += ["--bf16"] if bf16 else []
         checkpoint = checkpoint.partition("_ep2")[0]
         results = self.train(checkpoint, "--save-dir", saved, "--max-shard-size", max_shard_size, *extra, nproc=nproc)
         results = results.check().results()
@@ -134,6 +144,7 @@ class EPZero3SaveTest(unittest.TestCase):
             self.assertEqual([results[rank]["single_writer_bytes_written"] for rank in sorted(results)],
                              [total] + [0] * (nproc - 1))
         trained = assemble_experts(results, "final", ep_size=2)
+        self.assertEqual({t.dtype for t in trained.values()}, {torch.bfloat16 if bf16 else torch.float32})
         self.assertNotEqual(max(abs(trained[k] - v).max().item() for k, v in
                                 assemble_experts(results, "initial", ep_size=2).items()), 0.0, "training did nothing")
         if max_shard_size != "50GB":
@@ -152,7 +163,7 @@ class EPZero3SaveTest(unittest.TestCase):
                 want = trained[name]
                 if ".experts." in name:
                     want = want.chunk(2)[rank]
-                self.assertTrue(torch.equal(entry["local"], want), f"rank {rank}: {name}")
+                self.assertTrue(torch.equal(entry["local"], want.to(entry["local"].dtype)), f"rank {rank}: {name}")
 
     def test_trainer_save_model_writes_every_expert(self):
         saved = self.tmp / "saved-by-trainer"
@@ -222,7 +233,29 @@ class EPZero3SaveTest(unittest.TestCase):
             for name, tensor in straight[rank]["final"].items():
                 self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
 
-    @parameterized.expand(SAVE_PATHS)
+    def test_save_out_of_disk_keeps_the_previous_checkpoint(self):
+        """A real full disk: a volume with room for one checkpoint and half of another. The save where every rank
+        writes runs out of space midway on whichever rank writes then: every rank raises, naming the failed rank(s)
+        and the error, nothing half-written stays, the previous checkpoint loads."""
+        saved = self.save_target("saved-then-out-of-disk", mounted=True)
+        first = self.save_mixtral(saved, steps=1).check().results()
+        before = checkpoint_files(saved)
+        used = used_bytes(saved)
+        why_not = remount_tmpfs(saved, size=used + used // 2)
+        if why_not:
+            self.skipTest(why_not)
+        result = self.save_mixtral(saved, steps=2)
+        self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
+        self.assertLess(result.elapsed, TIMEOUT / 2)
+        errors = {rank: report.get("save_error") for rank, report in result.results().items()}
+        self.assertTrue(all(errors.values()), f"not every rank saw the failed save: {errors}")
+        self.assertTrue(any("No space left on device" in error for error in errors.values()), errors)
+        self.assertTrue(all("failed on rank(s)" in error or "No space left on device" in error
+                            for error in errors.values()), errors)
+        self.assertEqual(sorted(p.name for p in saved.iterdir() if p.name.startswith(".")), [])
+        self.assert_previous_checkpoint_kept(saved, before, first)
+
+    @parameterized.expand(KILLED_SAVE_PATHS)
     def test_killed_save_keeps_the_previous_checkpoint_and_the_next_save_cleans_up(self, path, save_args, mounted):
         saved = self.save_target(f"saved-then-killed-{path}", mounted)
         first = self.save_mixtral(saved, steps=1).check().results()
@@ -236,12 +269,18 @@ class EPZero3SaveTest(unittest.TestCase):
         # The previous checkpoint is untouched and loads; the killed save's hidden staging directory does not load.
         self.assert_previous_checkpoint_kept(saved, before, first)
         leftovers = [p for p in saved.iterdir() if p.name.startswith(".save-in-progress-")]
-        self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden staging directory")
-        self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
-        self.assertFalse((leftovers[0] / "config.json").exists())
+        if "--fail-save-rank" not in save_args:
+            # Rank 0, killed, left its staging directory; another rank killed, rank 0 may remove it before it is
+            # stopped in turn
+            self.assertEqual(len(leftovers), 1, "the killed save wrote somewhere else than a hidden staging directory")
+            self.assertTrue(list(leftovers[0].glob("*.safetensors")), "the save was killed before writing a shard")
+        self.assertLessEqual(len(leftovers), 1, leftovers)
+        for leftover in leftovers:
+            self.assertFalse((leftover / "config.json").exists())
         # The next save replaces the checkpoint and removes what the killed one left.
         second = self.save_mixtral(saved, *save_args, steps=2).check().results()
-        self.assertFalse(leftovers[0].exists(), "the next save left the killed save's directory behind")
+        for leftover in leftovers:
+            self.assertFalse(leftover.exists(), "the next save left the killed save's directory behind")
         self.assert_checkpoint_holds(saved, assemble_experts(second, "final", ep_size=2), self.checkpoints["mixtral"])
 
 

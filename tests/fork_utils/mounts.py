@@ -30,6 +30,21 @@ def mount_tmpfs(directory: str | Path, size: str = "64m") -> str | None:
     return None
 
 
+def remount_tmpfs(directory: str | Path, size: int) -> str | None:
+    """Resize the tmpfs mounted at `directory` to `size` bytes (a full disk for a test). None once done, else why not."""
+    done = subprocess.run(["mount", "-o", f"remount,size={size}", str(directory)], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        return f"`mount -o remount,size={size}` failed: {(done.stderr or done.stdout).strip()}"
+    return None
+
+
+def used_bytes(directory: str | Path) -> int:
+    """The bytes in use on the file system of `directory`."""
+    stats = os.statvfs(directory)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+
 def unmount(directory: str | Path) -> None:
     """Unmount `directory` (lazily if something still holds it open)."""
     if subprocess.run(["umount", str(directory)], capture_output=True, timeout=30).returncode != 0:

@@ -71,7 +71,18 @@ def _gemma4_text(**overrides):
     return Gemma4TextConfig(**_config_values(defaults, overrides))
 
 
-FAMILIES = {"qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "llama": _llama, "gemma4_text": _gemma4_text}
+def _gpt_oss(**overrides):
+    """gpt-oss: its experts saved fused, one tensor per layer holding every expert (a key spanning the EP ranks)."""
+    from transformers import GptOssConfig
+
+    defaults = dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"])
+    return GptOssConfig(**_config_values(defaults, overrides))
+
+
+FAMILIES = {
+    "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "llama": _llama, "gemma4_text": _gemma4_text, "gpt_oss": _gpt_oss,
+}
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 

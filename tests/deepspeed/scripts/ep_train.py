@@ -12,7 +12,8 @@ Saving: ``--save-dir`` (``save_pretrained`` on every rank, or ``Trainer.save_mod
 rank 0 writes the engine's consolidated state dict, as accelerate's ZeRO-3 save does), ``--save-checkpoint`` (the
 engine's ``save_checkpoint``), ``--fail-save-after-shards N`` (rank 0's N+1-th shard write raises: a save that fails
 midway), ``--kill-save-after-shards N`` (rank 0 is killed there; ``--fail-save-rank R``: rank R instead),
-``--single-writer`` (global rank 0 writes alone: no parallel write), ``--single-writer-save-dir`` (a second save,
+``--bf16`` (bf16 training: the model and its saves in bf16), ``--single-writer`` (global rank 0 writes alone: no
+parallel write), ``--single-writer-save-dir`` (a second save,
 written by rank 0 alone, to compare with; each rank reports the bytes it wrote). With the Trainer, ``--save-steps`` checkpoints into
 ``--output-dir`` and ``--resume-from`` is its ``resume_from_checkpoint``. Nothing is asserted here: the test compares
 numbers.
@@ -70,6 +71,8 @@ def parse_args():
     parser.add_argument("--push-to-hub", action="store_true",
                         help="Trainer: push_to_hub after training, to a fake hub that records what it was sent")
     parser.add_argument("--max-shard-size", default="50GB")
+    parser.add_argument("--bf16", action="store_true",
+                        help="deepspeed entry: the model in bf16, DeepSpeed's bf16 training (fp32 master weights)")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
     parser.add_argument("--kill-save-after-shards", type=int, default=None, help="rank 0 is SIGKILLed instead")
     parser.add_argument("--fail-save-rank", type=int, default=0, help="the rank whose shard writes fail (or is killed)")
@@ -144,6 +147,8 @@ def deepspeed_config(args) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+    if args.bf16:
+        config["bf16"] = {"enabled": True}
     if args.save_on_each_node and args.entry != "trainer":
         # each node writes its own ranks' files and the model states (the Trainer sets this for save_on_each_node)
         config["checkpoint"] = {"use_node_local_storage": True}
@@ -343,7 +348,8 @@ def main():
     from transformers.distributed import DistributedConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size), dtype=torch.float32
+        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size),
+        dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     if args.drop_expert_family_tag:
         for param in model.parameters():
