@@ -122,14 +122,34 @@ class EPZero3MultiNodeTest(unittest.TestCase):
         for name, tensor in final.items():
             self.assertTrue(torch.equal(loaded[name], tensor), f"{directory}: {name}")
 
+    def assert_saved_by_every_rank_where_every_node_sees_the_directory(self, cluster, results, shared, node_local):
+        """`save_pretrained` on every rank: into a directory both nodes see, every rank wrote its part of the one
+        checkpoint; into a path on each node's own disk, rank 0 saw that the other node does not see its directory
+        and wrote the whole checkpoint alone, on its node (nothing on the other node's disk: no split checkpoint)."""
+        written = {rank: report["also_saved_bytes_written"] for rank, report in results.items()}
+        self.assert_checkpoint_equals(shared, results, ep_size=2)
+        total = sum(path.stat().st_size for path in shared.glob("*.safetensors"))
+        shared_bytes = [written[rank][str(shared)] for rank in sorted(written)]
+        self.assertTrue(all(shared_bytes), f"bytes written per rank {shared_bytes}")
+        self.assertLess(sum(shared_bytes), total)  # the tensors' bytes, without the headers
+        main_node = int(results[0]["node"])
+        self.assert_checkpoint_equals(cluster.node_disk(main_node) / node_local.name, results, ep_size=2)
+        self.assertEqual([written[rank][str(node_local)] for rank in sorted(written)][1:], [0] * (len(written) - 1))
+        self.assertEqual(written[0][str(node_local)], sum(shared_bytes))
+        other_disk = cluster.node_disk(1 - main_node) / node_local.name
+        self.assertEqual(sorted(other_disk.iterdir()) if other_disk.exists() else [], [])
+
     def test_trainer_under_torchrun_saves_on_each_node_and_resumes_from_each_nodes_disk(self):
         """torchrun, c10d rendezvous, 2 nodes x 2 ranks, EP 2 inside each node, expert data parallelism across them;
-        Trainer checkpoints with `save_on_each_node` on each node's own disk, resumed by new processes."""
+        Trainer checkpoints with `save_on_each_node` on each node's own disk, resumed by new processes; then
+        `save_pretrained` into a directory both nodes see and into one on each node's disk."""
         with VirtualCluster(2, workdir=self.tmp / "trainer") as cluster:
             output = cluster.disk_path / "out"
+            shared_directory, node_directory = cluster.workdir / "shared-hf", cluster.disk_path / "hf"
             straight = launch_on_nodes(
                 cluster, SCRIPT, self.args("trainer", 2, 6, "--save-steps", 3, "--save-on-each-node",
-                                           "--output-dir", output, "--record-collectives"),
+                                           "--output-dir", output, "--record-collectives",
+                                           "--also-save-dirs", shared_directory, node_directory),
                 nproc_per_node=2, launcher="torchrun", timeout=TIMEOUT,
             )
             results = straight.check().results()
@@ -144,6 +164,9 @@ class EPZero3MultiNodeTest(unittest.TestCase):
                 ranks = [r for r, n in nodes_of(results).items() if n == index]
                 optimizer_files = sorted(p.name for p in (disk / "checkpoint-3" / "global_step3").glob("*optim*"))
                 self.assertEqual(len(optimizer_files), len(ranks), optimizer_files)
+            self.assert_saved_by_every_rank_where_every_node_sees_the_directory(
+                cluster, results, shared_directory, node_directory
+            )
 
             resumed = launch_on_nodes(
                 cluster, SCRIPT, self.args("trainer", 2, 6, "--resume-from", output / "checkpoint-3",

@@ -18,13 +18,16 @@ Each rank holds only its experts (see `deepspeed_expert_parallel`), and DeepSpee
 hold the same experts: every save path of upstream and of the ecosystem saw one rank's experts as the whole tensor.
 
 - `save_expert_parallel_model_under_zero3` is `save_pretrained` for such a model, on every rank, before or after
-  `deepspeed.initialize`. On one host, every rank writes its part of each planned shard file at its planned offsets
-  (`assign_writers`, `write_planned_checkpoint_in_parallel`): the experts it holds, gathered over their ZeRO-3
-  partitions only, and its share of the dense tensors, each gathered onto its writer; the files are those one writer
-  would write, byte for byte. Otherwise (several hosts, `save_on_each_node`, a conversion needing several tensors at
-  once, experts stored fused) the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their
-  ZeRO-3 partitions, then experts across the expert-parallel group) and streamed by global rank 0 (or the main rank
-  of each node, with the Trainer's `save_on_each_node`) into safetensors shards whose headers are planned up front
+  `deepspeed.initialize`. Where every rank sees the target directory, every rank writes its part of each planned
+  shard file at its planned offsets (`assign_writers`, `write_planned_checkpoint_in_parallel`): a tensor whose
+  original keys are contiguous ranges of it (dense tensors, experts stored one tensor per expert without a copy, or
+  fused as gpt-oss stores them) by every rank, the elements of its own ZeRO-3 partition, nothing gathered
+  (`_contiguous_key_offsets`, `elements_held`); the other keys of the experts by a rank holding them, gathered over
+  their ZeRO-3 partitions only; other dense tensors each gathered onto one writer. The files are those one writer
+  would write, byte for byte. Otherwise (nodes with a disk each, `save_on_each_node`, a conversion needing several
+  tensors at once) the tensors are gathered one at a time (`_gather_expert_parallel_tensor`: over their ZeRO-3
+  partitions, then experts across the expert-parallel group) and streamed by global rank 0 (or the main rank of each
+  node, with the Trainer's `save_on_each_node`) into safetensors shards whose headers are planned up front
   (`_StreamedSafetensorsFile`, `_plan_streamed_shard`), the weight conversion reverted tensor by tensor, the freed
   memory handed back after each large tensor (`_release_freed_memory`). Given the whole `state_dict` (accelerate's
   ZeRO-3 save), rank 0 writes it through the same writer.
@@ -929,12 +932,12 @@ def assign_writers(plan, layouts, ep_ranks, edp_ranks=None, by_element=True):
 def _assign_writers_if_parallel(plan, layouts, calls, writers):
     """
     The writers of a collective save where every rank writes (`assign_writers`), from each rank's `(is_main_process,
-    hostname, ep_rank, edp_rank, partitions_readable)`; `None` where global rank 0 writes alone: every rank must share
-    one file system, which only one host guarantees (per-node disks, or a save on each node, keep the single writer
-    per node), and each tensor must convert back on its own. Ranks write the elements they hold in place only where
-    every rank can read its ZeRO-3 partitions (`_partitions_readable`).
+    hostname, ep_rank, edp_rank, partitions_readable)`; `None` where global rank 0 writes alone (or the main rank of
+    each node, saving on each node), or where a tensor does not convert back on its own. Whether every rank sees the
+    directory is checked as the write starts (`_every_rank_sees_the_staging_directory`). Ranks write the elements
+    they hold in place only where every rank can read its ZeRO-3 partitions (`_partitions_readable`).
     """
-    if not PARALLEL_WRITE or writers != [0] or len({call[1] for call in calls}) > 1:
+    if not PARALLEL_WRITE or writers != [0]:
         return None
     ep_ranks, edp_ranks = [call[2] for call in calls], [call[3] for call in calls]
     return assign_writers(plan, layouts, ep_ranks, edp_ranks, by_element=all(call[4] for call in calls))
@@ -1110,11 +1113,12 @@ def write_planned_checkpoint_in_parallel(
 ):
     """
     `write_planned_checkpoint` with every rank writing its part (`assign_writers`), a collective: global rank 0 stages
-    the checkpoint in a hidden directory inside `save_directory` and shares its name, every rank writes its tensors of
+    the checkpoint in a hidden directory inside `save_directory` and shares its name, every rank writes its part of
     each shard there (`_write_shard_in_parallel`), each shard ending with an exchange of every rank's error
     (`_raise_on_every_rank_if_any_failed`); once every rank has reported success, rank 0 writes the index and the
     configs, `config.json` last, and moves the checkpoint in (`_commit_staged_checkpoint`). Returns the bytes this rank
-    wrote.
+    wrote, or `None` before writing anything where some rank does not see the staging directory (a disk per node,
+    `_every_rank_sees_the_staging_directory`): the caller then writes with one writer.
     """
     import torch.distributed as dist
 
@@ -1125,9 +1129,10 @@ def write_planned_checkpoint_in_parallel(
         if is_writer:
             error, staging = _unless_failed(None, _create_staging_directory, save_directory)
         _raise_on_every_rank_if_any_failed(error, f"Saving the model (creating a directory in {save_directory})")
-        shared = [staging]
-        dist.broadcast_object_list(shared, src=0)
-        staging = shared[0]
+        shared_staging = _every_rank_sees_the_staging_directory(staging)
+        if shared_staging is None:
+            return None
+        staging = shared_staging
 
         bytes_written = 0
         for (shard_file, names), keys in zip(plan.shards.items(), assignment.shard_keys):
@@ -1145,6 +1150,44 @@ def write_planned_checkpoint_in_parallel(
     finally:
         if is_writer and staging is not None and os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_SHARED_DIRECTORY_PROBE = ".every-rank-sees-this"
+
+
+def _every_rank_sees_the_staging_directory(staging):
+    """
+    The staging directory global rank 0 created (`staging` there, `None` elsewhere) on every rank, or `None` where some
+    rank does not see it: nodes with a disk each, where the path is another directory or none. Checked with a file of
+    a random token that rank 0 writes there and every rank reads back, removed before anything else is written. A
+    collective.
+    """
+    import torch.distributed as dist
+
+    shared = [staging, uuid.uuid4().hex]
+    dist.broadcast_object_list(shared, src=0)
+    staging, token = shared
+    probe = os.path.join(staging, _SHARED_DIRECTORY_PROBE)
+    if dist.get_rank() == 0:
+        with contextlib.suppress(OSError):  # unwritten, it is not seen: the single writer then reports the error
+            with open(probe, "w") as f:
+                f.write(token)
+    dist.barrier()
+    try:
+        with open(probe) as f:
+            sees = f.read() == token
+    except OSError:
+        sees = False
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, sees)
+    if dist.get_rank() == 0:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    if not all(seen):
+        blind = [rank for rank, sees in enumerate(seen) if not sees]
+        logger.info(f"Saving with one writer: ranks {blind} do not see {staging}, which rank 0 created (a disk per node).")
+        return None
+    return staging
 
 
 def _commit_checkpoint(model, staging, directory, plan, weight_map):
@@ -1188,14 +1231,14 @@ def save_expert_parallel_model_under_zero3(
     one standard checkpoint, every expert in the original key layout, as `save_pretrained` does for the model loaded on
     a single process, in one of two ways:
 
-    - without `state_dict`, on every rank (a collective): on one host, every rank writes its part of the planned
-      shard files (`assign_writers`, `write_planned_checkpoint_in_parallel`): the experts it holds, each dense
-      parameter by one rank, the same files as one writer would write. Otherwise, or with `PARALLEL_WRITE` off, the
-      parameters are gathered one at a time (`_gather_expert_parallel_tensor`: dense ones over their ZeRO-3
-      partitions, experts across the expert-parallel group) and streamed into the safetensors shards by global rank 0,
-      which holds one parameter at a time (one shard where a conversion needs several parameters at once), the other
-      ranks at most one parameter. The distributed-config gather of `save_pretrained` cannot do this: it sees one
-      rank's experts as the whole tensor.
+    - without `state_dict`, on every rank (a collective): where every rank sees the directory, every rank writes its
+      part of the planned shard files (`assign_writers`, `write_planned_checkpoint_in_parallel`): the elements of the
+      tensors it holds as ZeRO-3 partitions them, or the experts' keys it was given, the same files as one writer
+      would write. Otherwise, or with `PARALLEL_WRITE` off, the parameters are gathered one at a time
+      (`_gather_expert_parallel_tensor`: dense ones over their ZeRO-3 partitions, experts across the expert-parallel
+      group) and streamed into the safetensors shards by global rank 0, which holds one parameter at a time (one
+      shard where a conversion needs several parameters at once), the other ranks at most one parameter. The
+      distributed-config gather of `save_pretrained` cannot do this: it sees one rank's experts as the whole tensor.
     - with the whole `state_dict` (accelerate's ZeRO-3 save: `accelerator.get_state_dict(model)`, gathered on rank 0 by
       `gather_expert_parallel_state_dict_under_zero3`), on the main rank 0 alone, as `save_pretrained` writes a state
       dict. The other ranks, called without it, do nothing (`_state_dict_sent_to_rank_0`).
@@ -1264,10 +1307,12 @@ def save_expert_parallel_model_under_zero3(
             def write_held(shard, name):
                 _write_elements_held(shard, name, tensors[name], layout.get(name), assignment)
 
-            last_save_bytes_written = write_planned_checkpoint_in_parallel(
+            written = write_planned_checkpoint_in_parallel(
                 model, save_directory, plan, assignment, fetch_keys_to_write, write_held, release_memory=True
             )
-            return
+            if written is not None:
+                last_save_bytes_written = written
+                return
     else:
         writers = [0]
     write_planned_checkpoint(

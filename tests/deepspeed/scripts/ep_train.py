@@ -70,6 +70,8 @@ def parse_args():
     parser.add_argument("--save-only-model", action="store_true", help="Trainer: checkpoints without optimizer state")
     parser.add_argument("--push-to-hub", action="store_true",
                         help="Trainer: push_to_hub after training, to a fake hub that records what it was sent")
+    parser.add_argument("--also-save-dirs", nargs="*", default=[],
+                        help="after training, any entry: save_pretrained on every rank into each (bytes written kept)")
     parser.add_argument("--max-shard-size", default="50GB")
     parser.add_argument("--bf16", action="store_true",
                         help="deepspeed entry: the model in bf16, DeepSpeed's bf16 training (fp32 master weights)")
@@ -405,6 +407,13 @@ def main():
                 record["single_writer_bytes_written"] = ep_save.last_save_bytes_written
         except Exception as e:
             record["save_error"] = f"{type(e).__name__}: {e}"
+    if args.also_save_dirs:
+        from transformers.integrations import deepspeed_expert_parallel_save as ep_save
+
+        record["also_saved_bytes_written"] = {}
+        for directory in args.also_save_dirs:
+            model.save_pretrained(directory, is_main_process=rank() == 0)
+            record["also_saved_bytes_written"][directory] = ep_save.last_save_bytes_written
     if args.record_collectives:
         record["collectives"] = collectives.recorded()
         record["groups"] = {
