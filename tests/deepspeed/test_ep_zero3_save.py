@@ -233,18 +233,20 @@ class EPZero3SaveTest(unittest.TestCase):
             for name, tensor in straight[rank]["final"].items():
                 self.assertTrue(torch.equal(resumed[rank]["final"][name], tensor), f"rank {rank}: {name}")
 
-    def test_save_out_of_disk_keeps_the_previous_checkpoint(self):
-        """A real full disk: a volume with room for one checkpoint and half of another. The save where every rank
-        writes runs out of space midway on whichever rank writes then: every rank raises, naming the failed rank(s)
-        and the error, nothing half-written stays, the previous checkpoint loads."""
-        saved = self.save_target("saved-then-out-of-disk", mounted=True)
+    @parameterized.expand([("every_rank_writing", []), ("single_writer", ["--single-writer"])])
+    def test_save_out_of_disk_keeps_the_previous_checkpoint(self, path, save_args):
+        """A real full disk: a volume with room for one checkpoint and half of another. The save runs out of space
+        midway (where every rank writes: on whichever rank writes then; a write, or the close that flushes it): every
+        rank raises, naming the failed rank(s) and the error, nothing half-written stays, the previous checkpoint
+        loads."""
+        saved = self.save_target(f"saved-then-out-of-disk-{path}", mounted=True)
         first = self.save_mixtral(saved, steps=1).check().results()
         before = checkpoint_files(saved)
         used = used_bytes(saved)
         why_not = remount_tmpfs(saved, size=used + used // 2)
         if why_not:
             self.skipTest(why_not)
-        result = self.save_mixtral(saved, steps=2)
+        result = self.save_mixtral(saved, *save_args, steps=2)
         self.assertTrue(result.ok, result.report())  # the ranks caught the save error and reported it
         self.assertLess(result.elapsed, TIMEOUT / 2)
         errors = {rank: report.get("save_error") for rank, report in result.results().items()}

@@ -315,6 +315,13 @@ class _StreamedSafetensorsFile:
             raise RuntimeError(f"Wrote {self.bytes_written} bytes of tensor data, planned {expected_bytes}")
         self.file.close()
 
+    def close_after_failure(self):
+        """Close the file of a write that failed, whose error is reported already: closing flushes what the buffer
+        holds, which fails again on a full disk; raised here, that error would skip the collective reporting the
+        first one, and the other ranks would wait for it."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+
 
 _sync_file_range = None
 # sync_file_range(2)'s SYNC_FILE_RANGE_WRITE: start writing the range back, without waiting
@@ -610,7 +617,7 @@ def _write_shard(plan, staging, shard_file, names, converted, fetch, is_writer, 
                 error = e
     finally:
         if streamed is not None:
-            streamed.file.close()
+            streamed.close_after_failure()
     return written, error
 
 
@@ -699,11 +706,11 @@ class WriterAssignment(NamedTuple):
     bytes_per_rank: list
     # Model tensor -> {original key: its first element in the tensor}, for tensors each of whose keys is a contiguous
     # range of it: every rank writes the elements it holds (`elements_held`), nothing is gathered
-    key_offsets: dict = {}
+    key_offsets: dict
     # Model tensor in `key_offsets` -> per global rank, the elements `(start, end)` it holds and writes
-    element_ranges: dict = {}
+    element_ranges: dict
     # Global rank -> its index in its expert-data-parallel group (ZeRO-3's partition of its experts)
-    edp_ranks: tuple = ()
+    edp_ranks: tuple
 
 
 def _contiguous_key_offsets(revert, name, meta):
@@ -943,16 +950,23 @@ def _assign_writers_if_parallel(plan, layouts, calls, writers):
     return assign_writers(plan, layouts, ep_ranks, edp_ranks, by_element=all(call[4] for call in calls))
 
 
-def _partitions_readable(tensors):
+def _partitions_readable(tensors, layouts):
     """
-    Whether this rank can read every ZeRO-3 partition it holds in memory: not where DeepSpeed swaps parameters to
-    NVMe, nor where it quantized frozen ones (ZeRO++); such saves gather every tensor instead.
+    Whether this rank can read every ZeRO-3 partition it holds, each where `elements_held` places it: not where
+    DeepSpeed swaps parameters to NVMe or quantized frozen ones (ZeRO++), nor where it partitions a tensor over other
+    ranks than all of them (dense) or its expert-data-parallel group (experts; MiCS shards within smaller groups).
+    Such saves gather every tensor instead.
     """
-    for tensor in tensors.values():
+    world_size = torch.distributed.get_world_size()
+    for name, tensor in tensors.items():
         partition = getattr(tensor, "ds_tensor", None)
         if partition is None:
             continue
         if getattr(partition, "final_location", None) == "nvme" or hasattr(partition, "ds_quant_scale"):
+            return False
+        layout = layouts.get(name)
+        planned = world_size if layout is None else world_size // layout.ep_size
+        if torch.distributed.get_world_size(group=tensor.ds_process_group) != planned:
             return False
     return True
 
@@ -1063,10 +1077,9 @@ def _write_shard_in_parallel(
     """
     3. (every rank writing) This rank's part of one shard: global rank 0 writes the header, each rank its part at the
     planned offsets in the same file (`_StreamedSafetensorsFile`, created by whichever opens it first, never
-    truncated), then syncs it. Tensors whose keys are ranges of them (`assignment.key_offsets`): `write_held(shard,
-    name)` writes the elements this rank holds, no collective. The others: `fetch(name)` (on every rank, a collective)
-    gives this rank's keys of the tensor, written whole. Returns the bytes written and this rank's error (`None` when it
-    succeeded).
+    truncated). Tensors whose keys are ranges of them (`assignment.key_offsets`): `write_held(shard, name)` writes the
+    elements this rank holds, no collective. The others: `fetch(name)` (on every rank, a collective) gives this rank's
+    keys of the tensor, written whole. Returns the bytes written and this rank's error (`None` when it succeeded).
     """
     rank = torch.distributed.get_rank()
     path = os.path.join(staging, shard_file)
@@ -1104,7 +1117,7 @@ def _write_shard_in_parallel(
             error, written = _unless_failed(error, finish)
     finally:
         if shard is not None:
-            shard.file.close()
+            shard.close_after_failure()
     return written or 0, error
 
 
@@ -1143,7 +1156,8 @@ def write_planned_checkpoint_in_parallel(
             _raise_on_every_rank_if_any_failed(error, f"Saving the model (writing {shard_file})")
 
         if is_writer:
-            weight_map = {key: shard_file for shard_file, keys in zip(plan.shards, assignment.shard_keys) for key in keys}
+            shard_of = zip(plan.shards, assignment.shard_keys)
+            weight_map = {key: shard_file for shard_file, keys in shard_of for key in keys}
             error, _ = _unless_failed(None, _commit_checkpoint, model, staging, directory, plan, weight_map)
         _raise_on_every_rank_if_any_failed(error, f"Saving the model (moving it into {save_directory})")
         return bytes_written
@@ -1185,7 +1199,7 @@ def _every_rank_sees_the_staging_directory(staging):
             os.remove(probe)
     if not all(seen):
         blind = [rank for rank, sees in enumerate(seen) if not sees]
-        logger.info(f"Saving with one writer: ranks {blind} do not see {staging}, which rank 0 created (a disk per node).")
+        logger.info(f"Saving with one writer: ranks {blind} do not see {staging}, created by rank 0 (a disk per node)")
         return None
     return staging
 
@@ -1293,7 +1307,7 @@ def save_expert_parallel_model_under_zero3(
         calls = [None] * dist.get_world_size()
         mesh = model._mesh_manager
         ep_rank, edp_rank = mesh.get_mesh("ep").get_local_rank(), mesh.get_mesh("efsdp").get_local_rank()
-        call = (bool(is_main_process), socket.gethostname(), ep_rank, edp_rank, _partitions_readable(tensors))
+        call = (bool(is_main_process), socket.gethostname(), ep_rank, edp_rank, _partitions_readable(tensors, layout))
         dist.all_gather_object(calls, call)
         writers = _writing_ranks([call[:2] for call in calls])
         if not writers:
