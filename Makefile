@@ -41,7 +41,7 @@ help:
 	@echo "make pr-series the patches proposed upstream as a git format-patch series + PR.md in build/pr-series/"
 	@echo "make bench-load  2-rank CPU load benchmark: EP + ZeRO-3 vs EP-only vs dense ZeRO-3 (BENCH_ARGS=\"--size large\")"
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
-	@echo "make bench-save  2-rank CPU save: EP + ZeRO-3 save_pretrained, get_state_dict vs one process (BENCH_ARGS=\"--layers 8 2\")"
+	@echo "make bench-save  2/4-rank CPU save, per-expert + fused layouts: EP + ZeRO-3 save_pretrained vs one process (BENCH_ARGS=\"--nproc 2\")"
 	@echo "make bench-export  offline export of a 2-rank EP ZeRO-3 checkpoint to an HF checkpoint: peak memory at 2 model sizes"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
@@ -144,8 +144,9 @@ bench-load: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/load_ep_zero3.py $(BENCH_ARGS)
 
-# Save benchmark (benchmarks/save_ep_zero3.py): the load benchmark's model, EP + ZeRO-3 on 2 CPU ranks vs a single
-# process, about 2-3 min; JSON in benchmarks/results/.
+# Save benchmark (benchmarks/save_ep_zero3.py): the load benchmark's Qwen3-MoE (experts saved per expert) and a gpt-oss
+# of its size (experts saved fused), EP + ZeRO-3 on 2 and 4 CPU ranks vs a single process, about 4-5 min (BENCH_ARGS=
+# "--layout per-expert --nproc 2": the 2-rank Qwen3-MoE part alone, about 1 min); JSON in benchmarks/results/.
 bench-save: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/save_ep_zero3.py $(BENCH_ARGS)
