@@ -49,6 +49,7 @@ import re
 import shutil
 import socket
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from functools import wraps
@@ -424,6 +425,10 @@ def _fsync(path):
         os.close(descriptor)
 
 
+# Inside a committed save's staging directory: the previous checkpoint's files it replaced, removed in the background
+_PREVIOUS_FILES = "previous"
+
+
 def _commit_staged_checkpoint(staging, directory, is_previous_weights):
     """
     Move the complete checkpoint staged in `staging` (a directory inside `directory`, so on the same file system) into
@@ -433,18 +438,39 @@ def _commit_staged_checkpoint(staging, directory, is_previous_weights):
     that the new ones do not replace are removed.
 
     A checkpoint is complete when its `config.json` is there: the previous one loses it first, the new one gets it
-    last, so a save killed while moving files leaves a directory that does not load, never a mix that does.
+    last, so a save killed while moving files leaves a directory that does not load, never a mix that does. The
+    previous files are moved aside into `staging` (renames: freeing a large file's disk blocks and cached pages takes
+    a while), which is then removed in the background (`_remove_in_the_background`).
     """
     staged = set(os.listdir(staging))
-    for name in ("config.json", *sorted(e for e in os.listdir(directory) if is_previous_weights(e) and e not in staged)):
+    previous = os.path.join(staging, _PREVIOUS_FILES)
+    os.mkdir(previous)
+
+    def move_aside(name):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, name))
+            os.replace(os.path.join(directory, name), os.path.join(previous, name))
+
+    move_aside("config.json")
+    for name in sorted(e for e in os.listdir(directory) if is_previous_weights(e) and e not in staged):
+        move_aside(name)
     _fsync(directory)
     # Weights first, then the index and other files, `config.json` last
     for name in sorted(staged, key=lambda name: (name == "config.json", not name.endswith(".safetensors"), name)):
+        move_aside(name)
         os.replace(os.path.join(staging, name), os.path.join(directory, name))
     _fsync(directory)
-    os.rmdir(staging)
+    _remove_in_the_background(staging)
+
+
+def _remove_in_the_background(path):
+    """
+    Remove `path` (a committed save's staging directory, holding the previous files) in a thread, so the save returns
+    without waiting for it; not a daemon thread, so the process finishes it before it exits. What a killed process
+    left, the next save into the directory removes (`_remove_killed_saves`).
+    """
+    threading.Thread(
+        target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="remove-previous-checkpoint"
+    ).start()
 
 
 def _refuse_unsupported_save_options(model, push_to_hub, distributed_checkpoint):
@@ -678,6 +704,8 @@ def write_planned_checkpoint(model, save_directory, plan, fetch, is_writer, exch
 
         if is_writer:
             error, _ = _unless_failed(None, _commit_checkpoint, model, staging, directory, plan, weight_map)
+            if error is None:
+                staging = None  # committed: removed in the background
         exchange_errors(error, f"Saving the model (moving it into {save_directory})")
     finally:
         if staging is not None and os.path.isdir(staging):
@@ -1159,6 +1187,8 @@ def write_planned_checkpoint_in_parallel(
             shard_of = zip(plan.shards, assignment.shard_keys)
             weight_map = {key: shard_file for shard_file, keys in shard_of for key in keys}
             error, _ = _unless_failed(None, _commit_checkpoint, model, staging, directory, plan, weight_map)
+            if error is None:
+                staging = None  # committed: removed in the background
         _raise_on_every_rank_if_any_failed(error, f"Saving the model (moving it into {save_directory})")
         return bytes_written
     finally:
