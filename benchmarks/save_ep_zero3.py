@@ -254,6 +254,9 @@ def rank_main(args) -> dict:
     for _ in range(1 + args.runs):  # the first one is a warm-up (it also creates the directory)
         gc.collect()
         release_free_memory()
+        # Every save starts with the disk idle: the previous save's dirty pages written out (the parallel save starts
+        # its writeback as it writes, the others leave theirs to the kernel: without this, the next case would pay)
+        os.sync()
         barrier()
         reset_peak_rss()
         rss_before = proc_status_kb("VmRSS")
