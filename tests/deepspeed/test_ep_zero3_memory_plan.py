@@ -169,8 +169,13 @@ class MemoryPlanArithmeticTest(unittest.TestCase):
         self.assertEqual(plan_memory(self.tmp, 4, 1, "fp32").load_working_set, 2 * (gate_up // 4) * 4)
         self.assertEqual(plan_memory(self.tmp, 3, 1, "fp32").load_working_set, 2 * (2 * gate_up // 4) * 4)
         largest = max(shapes.values()) * 4
-        self.assertEqual(plan.save_writer_working_set, int(2.5 * largest))  # 2 + 1/P
-        self.assertEqual(plan_memory(self.tmp, 4, 4, "fp32").save_writer_working_set, int(2.25 * largest))
+        # Every rank writing: its experts converted, 1/P, gathered over the expert-data-parallel group first, 2/P
+        self.assertEqual(plan.save_writer_working_set, int(1.0 * largest))
+        self.assertEqual(plan.save_other_working_set, plan.save_writer_working_set)
+        self.assertEqual(plan_memory(self.tmp, 4, 4, "fp32").save_writer_working_set, int(0.25 * largest))
+        # Rank 0 writing alone (nodes with a disk each): 2 + 1/P
+        self.assertEqual(plan.save_single_writer_working_set, int(2.5 * largest))
+        self.assertEqual(plan_memory(self.tmp, 4, 4, "fp32").save_single_writer_working_set, int(2.25 * largest))
         without_ep = plan_memory(self.tmp, 4, 1, "fp32")
         self.assertEqual(without_ep.save_writer_working_set, sum(shapes.values()) * 4 + 2 * largest)
         self.assertEqual(plan.load_peak, plan.load_share + plan.load_working_set)

@@ -67,8 +67,14 @@ OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
 # Save working sets in units of the largest full tensor (one layer's fused experts, all of them), memory in use as
 # measured on CPU by tests/deepspeed/test_ep_zero3_memory_plan.py (glibc's mmap threshold fixed, so that freed memory
 # goes back at once; with glibc's default, RSS can peak up to about one such tensor higher, `make bench-save`).
-# Streamed save (EP size P): the writing rank 2 + 1/P (the full tensor, its gathered experts, the copies written out),
-# the others 2/P. Consolidated save (no EP): the whole model plus 2 (writing rank) and 2.5 (the others).
+# Save where every rank writes (EP size P, one host or a file system every node sees): each rank converts its own
+# experts whose keys the conversion copies (the gate and up projections split from the fused tensor), 1/P, read in
+# place where the expert-data-parallel group is one rank, else gathered over it first, 2/P; the rest is written in
+# place from the ZeRO-3 partitions. One writer (nodes with a disk each): 2 + 1/P (the full tensor, its gathered
+# experts, the copies written out), the others 2/P. Consolidated save (no EP): the whole model plus 2 (writing rank)
+# and 2.5 (the others).
+PARALLEL_SAVE_COPIES = 1.0
+PARALLEL_SAVE_GATHERED_COPIES = 2.0
 SAVE_WRITER_COPIES = 2.0
 SAVE_OTHER_RANK_COPIES = 2.0
 CONSOLIDATED_SAVE_COPIES = 2.0
@@ -252,8 +258,11 @@ class MemoryPlan:
     load_working_set: int
     # The part of the share that stays mapped from the checkpoint during the load (page cache: reclaimable)
     load_file_backed: int
+    # With EP every rank writes (its working set is the writer's and the other ranks'), unless the nodes have a disk
+    # each: rank 0 then writes alone (`save_single_writer_working_set`)
     save_writer_working_set: int
     save_other_working_set: int
+    save_single_writer_working_set: int
     activation_inputs: dict = field(default_factory=dict)
 
     def states(self) -> dict[str, Bytes]:
@@ -335,7 +344,8 @@ class MemoryPlan:
             f" + working set {self.load_working_set / scale:.2f}; not reclaimable {self.load_peak_anonymous / scale:.2f}"
             f" (the rest: checkpoint pages mapped, page cache)",
             f"{'save peak, writing rank':32s}{'':22s}{gib(self.save_writer_peak)}   state + working set "
-            f"{self.save_writer_working_set / scale:.2f} (other ranks + {self.save_other_working_set / scale:.2f})",
+            f"{self.save_writer_working_set / scale:.2f} (other ranks + {self.save_other_working_set / scale:.2f}; "
+            f"one writer, nodes with a disk each: + {self.save_single_writer_working_set / scale:.2f})",
             "",
             f"per node ({self.ranks_per_node} ranks): GPU {self.per_node('gpu') / scale:.2f} {unit}, host (training) "
             f"{self.per_node('host') / scale:.2f} {unit}, "
@@ -384,18 +394,25 @@ def load_working_set(infos: list[ParameterInfo], world_size: int, ep_size: int, 
     return share * element_size, working * element_size
 
 
-def save_working_set(infos: list[ParameterInfo], ep_size: int, element_size: int) -> tuple[int, int]:
+def save_working_set(
+    infos: list[ParameterInfo], world_size: int, ep_size: int, element_size: int
+) -> tuple[int, int, int]:
     """
-    (writing rank, other ranks) bytes above the ZeRO-3 state during `save_pretrained`. With EP the save is streamed
-    (`deepspeed_expert_parallel_save`): tensors are gathered one at a time, so the largest full tensor (all E experts
-    of one layer's largest expert parameter) decides. Without EP, the documented ZeRO-3 save (accelerate's
-    `get_state_dict`, the engine's consolidated 16-bit state dict) holds the whole model on the writing rank.
+    (every rank / the writing rank, the other ranks, the writing rank when it writes alone) bytes above the ZeRO-3 state
+    during `save_pretrained`, decided by the largest full tensor (all E experts of one layer's largest expert
+    parameter). With EP (`deepspeed_expert_parallel_save`) every rank writes where every rank sees the directory: the
+    first two are alike; on nodes with a disk each, rank 0 writes alone, tensors gathered one at a time (the third).
+    Without EP, the documented ZeRO-3 save (accelerate's `get_state_dict`, the engine's consolidated 16-bit state dict)
+    holds the whole model on the writing rank.
     """
     largest = max(info.numel * (ep_size if info.is_expert else 1) for info in infos) * element_size
     if ep_size > 1:
-        return int((SAVE_WRITER_COPIES + 1 / ep_size) * largest), int(SAVE_OTHER_RANK_COPIES / ep_size * largest)
+        copies = PARALLEL_SAVE_COPIES if world_size == ep_size else PARALLEL_SAVE_GATHERED_COPIES
+        every_rank = int(copies / ep_size * largest)
+        return every_rank, every_rank, int((SAVE_WRITER_COPIES + 1 / ep_size) * largest)
     whole = sum(info.numel for info in infos) * element_size
-    return whole + int(CONSOLIDATED_SAVE_COPIES * largest), int(CONSOLIDATED_OTHER_RANK_COPIES * largest)
+    writer = whole + int(CONSOLIDATED_SAVE_COPIES * largest)
+    return writer, int(CONSOLIDATED_OTHER_RANK_COPIES * largest), writer
 
 
 def activation_inputs(config, micro_batch: int | None = None, sequence_length: int | None = None) -> dict:
@@ -471,7 +488,7 @@ def plan_memory(
     share, load_set = load_working_set(infos, world_size, ep_size, low)
     # With EP the dense weights stay views of the mapped checkpoint until `deepspeed.initialize` partitions them
     file_backed = sum(info.numel for info in infos if not info.is_expert) * low if ep_size > 1 else 0
-    save_writer, save_other = save_working_set(infos, ep_size, low)
+    save_writer, save_other, save_single_writer = save_working_set(infos, world_size, ep_size, low)
     num_parameters = sum(info.numel * (ep_size if info.is_expert else 1) for info in infos)
     return MemoryPlan(
         model=str(getattr(config, "_name_or_path", "") or config.model_type) if not isinstance(
@@ -488,6 +505,7 @@ def plan_memory(
         prefetch_bucket=min(zero.prefetch_bucket_size, zero.max_live_parameters) * low,
         load_share=share, load_working_set=load_set, load_file_backed=file_backed,
         save_writer_working_set=save_writer, save_other_working_set=save_other,
+        save_single_writer_working_set=save_single_writer,
         activation_inputs=activation_inputs(config, micro_batch, sequence_length),
     )
 
