@@ -398,8 +398,8 @@ def save_working_set(
     infos: list[ParameterInfo], world_size: int, ep_size: int, element_size: int
 ) -> tuple[int, int, int]:
     """
-    (every rank / the writing rank, the other ranks, the writing rank when it writes alone) bytes above the ZeRO-3 state
-    during `save_pretrained`, decided by the largest full tensor (all E experts of one layer's largest expert
+    (every rank or the writing rank, the other ranks, the writing rank when it writes alone) bytes above the ZeRO-3
+    state during `save_pretrained`, decided by the largest full tensor (all E experts of one layer's largest expert
     parameter). With EP (`deepspeed_expert_parallel_save`) every rank writes where every rank sees the directory: the
     first two are alike; on nodes with a disk each, rank 0 writes alone, tensors gathered one at a time (the third).
     Without EP, the documented ZeRO-3 save (accelerate's `get_state_dict`, the engine's consolidated 16-bit state dict)
