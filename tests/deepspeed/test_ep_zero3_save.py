@@ -351,7 +351,7 @@ class ExpertWriterAssignmentTest(unittest.TestCase):
                 self.assertEqual(ep_ranks[assignment.key_writers[key]], ep_rank, key)
         for name, ranges in assignment.element_ranges.items():
             numel = plan.meta_state_dict[name].numel()
-            self.assertEqual(sorted(ranges)[0][0], 0, name)
+            self.assertEqual(min(ranges)[0], 0, name)
             self.assertEqual(max(end for _, end in ranges), numel, name)
             for (_, end), (start, _) in zip(sorted(ranges), sorted(ranges)[1:]):
                 self.assertEqual(end, start, f"{name}: {ranges}")

@@ -744,21 +744,19 @@ class WriterAssignment(NamedTuple):
 def _contiguous_key_offsets(revert, name, meta):
     """
     For the model tensor `name` (`meta`, of its full shape, not a view): {original key: its first element} when the
-    conversion
-    back to the original layout gives each key as a contiguous range of the tensor's elements, unconverted (a rename,
-    a slice along the first dimensions: experts stored one tensor per expert, or fused as gpt-oss stores them), seen
-    on meta tensors as views of it. `None` otherwise (a copy, a transpose, a dtype cast, keys built from several
-    tensors): the tensor is then gathered whole for its writer.
+    conversion back to the original layout gives each key as a contiguous range of the tensor's elements, unconverted
+    (a rename, a slice along the first dimensions: experts stored one tensor per expert, or fused as gpt-oss stores
+    them), seen on meta tensors as views of it. `None` otherwise (a copy, a transpose, a dtype cast, keys built from
+    several tensors): the tensor is then gathered whole for its writer.
     """
-    source = meta
     try:
-        converted = revert({name: source})
+        converted = revert({name: meta})
     except _PROBE_ERRORS:
         return None
     offsets = {}
     for key, value in converted.items():
-        is_view = value is source or (value._is_view() and value._base is source)
-        if not is_view or not value.is_contiguous() or value.dtype != source.dtype or value.numel() == 0:
+        is_view = value is meta or (value._is_view() and value._base is meta)
+        if not is_view or not value.is_contiguous() or value.dtype != meta.dtype or value.numel() == 0:
             return None
         offsets[key] = value.storage_offset()
     return offsets
@@ -1009,7 +1007,7 @@ def _elements_to_write(name, tensor, layout, assignment):
     start, end = assignment.element_ranges[name][rank]
     partition = getattr(tensor, "ds_tensor", None)
     if partition is None:
-        local_start = start if layout is None else start - layout.ep_rank * (tensor.numel())
+        local_start = start if layout is None else start - layout.ep_rank * tensor.numel()  # after its EP slices
         return start, tensor.data.reshape(-1)[local_start : local_start + end - start]
     group_rank = torch.distributed.get_rank(group=tensor.ds_process_group)
     planned = rank if layout is None else assignment.edp_ranks[rank]
@@ -1052,8 +1050,6 @@ def _gather_keys_to_write(name, tensor, layout, ep_group, revert, assignment):
     where the conversion cannot take them alone, placed at their position in a tensor of the full shape, left
     unfilled elsewhere, which the conversion splits per expert.
     """
-    import deepspeed
-
     rank = torch.distributed.get_rank()
     if name in assignment.tensor_writers:
         writer = assignment.tensor_writers[name]
@@ -1213,9 +1209,9 @@ def _every_rank_sees_the_staging_directory(staging):
     staging, token = shared
     probe = os.path.join(staging, _SHARED_DIRECTORY_PROBE)
     if dist.get_rank() == 0:
-        with contextlib.suppress(OSError):  # unwritten, it is not seen: the single writer then reports the error
-            with open(probe, "w") as f:
-                f.write(token)
+        # Unwritten, it is not seen: the single writer then reports the error
+        with contextlib.suppress(OSError), open(probe, "w") as f:
+            f.write(token)
     dist.barrier()
     try:
         with open(probe) as f:
