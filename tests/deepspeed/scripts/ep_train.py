@@ -149,7 +149,7 @@ def deepspeed_config(args) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
-    if args.bf16:
+    if getattr(args, "bf16", False):  # other scripts build this config from their own arguments
         config["bf16"] = {"enabled": True}
     if args.save_on_each_node and args.entry != "trainer":
         # each node writes its own ranks' files and the model states (the Trainer sets this for save_on_each_node)
