@@ -39,6 +39,7 @@ hold the same experts: every save path of upstream and of the ecosystem saw one 
   models too (`gather_experts_in_deepspeed_consolidation`).
 """
 
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -884,6 +885,21 @@ def _default_edp_ranks(ep_ranks):
     return tuple(indices)
 
 
+def _elements_of_spans_in(spans, start, end):
+    """
+    How many elements of `spans` (sorted, non-overlapping `(first, last)` ranges: a tensor's keys) lie in `[start,
+    end)`. Bisected to the span holding `start`: each rank visits only the keys its range meets, not every key of the
+    tensor (ranks x experts per save at thousands of ranks).
+    """
+    count = 0
+    # The span starting at or before `start` may reach into the range: begin with it
+    for first, last in spans[max(0, bisect.bisect_right(spans, (start, math.inf)) - 1) :]:
+        if first >= end:
+            break
+        count += max(0, min(end, last) - max(start, first))
+    return count
+
+
 def _reverting_each_meta_tensor_once(revert):
     """`revert`, remembering what it gave for each meta tensor alone (the plan converts each tensor several times)."""
     converted = {}
@@ -939,10 +955,9 @@ def assign_writers(plan, layouts, ep_ranks, edp_ranks=None, by_element=True):
                 element_ranges[name] = [
                     elements_held(meta.numel(), layout, rank, ep_ranks, edp_ranks) for rank in range(len(ep_ranks))
                 ]
+                spans = sorted((first, first + metas[key].numel()) for key, first in offsets.items())
                 for rank, (start, end) in enumerate(element_ranges[name]):
-                    for key, first in offsets.items():
-                        overlap = min(end, first + metas[key].numel()) - max(start, first)
-                        loads[rank] += max(0, overlap) * meta.element_size()
+                    loads[rank] += _elements_of_spans_in(spans, start, end) * meta.element_size()
                 continue
             owners = None if layout is None else _expert_rank_of_keys(plan.revert, name, layout)
             keys = list(revert({name: meta}))
