@@ -87,6 +87,25 @@ def check_deepspeed_version_is_tested():
     )
 
 
+# Prototype (issue 24): expert parallelism under ZeRO stages 1 and 2, opt-in while it is built out. Without this set to
+# 1, stages 1 and 2 are refused as before (`check_expert_parallel_deepspeed_support`). See
+# /work/shared/research/deepspeed-ep-zero12.md for what it covers and what remains.
+EP_ZERO12_PROTOTYPE_ENV = "TRANSFORMERS_EP_ZERO12_PROTOTYPE"
+
+
+def registered_zero_stage() -> int | None:
+    """The ZeRO stage of the registered DeepSpeed config (`HfDeepSpeedConfig`), None when none is registered."""
+    ds_config = deepspeed_config()
+    if ds_config is None:
+        return None
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_expert_parallel_zero12_prototype_enabled() -> bool:
+    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 and the stage-1/2 prototype is switched on."""
+    return os.environ.get(EP_ZERO12_PROTOTYPE_ENV) == "1" and registered_zero_stage() in (1, 2)
+
+
 def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     """
     Whether DeepSpeed ZeRO-3 runs data parallelism while transformers shards the experts itself (expert parallelism).
@@ -109,7 +128,9 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     if model_or_distributed_config is None:
         return False
     if isinstance(model_or_distributed_config, DistributedConfig):
-        return is_deepspeed_zero3_enabled() and model_or_distributed_config.ep_size > 1
+        # Prototype: stages 1 and 2 take the same load path and hand-over (`is_expert_parallel_zero12_prototype_enabled`)
+        under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_prototype_enabled()
+        return under_deepspeed and model_or_distributed_config.ep_size > 1
     return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
 
 
@@ -205,7 +226,7 @@ def check_expert_parallel_deepspeed_support(distributed_config):
     if ds_config is None or distributed_config.ep_size <= 1:
         return
     prefix = "Expert parallelism (`DistributedConfig(ep_size > 1)`) under DeepSpeed"
-    if not is_deepspeed_zero3_enabled():
+    if not is_deepspeed_zero3_enabled() and not is_expert_parallel_zero12_prototype_enabled():
         raise NotImplementedError(
             f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}."
         )
@@ -374,16 +395,19 @@ def prepare_expert_parallel_model_for_deepspeed(model):
          expert_data_parallel_group]
     )
 
+    zero_stage = 3 if is_deepspeed_zero3_enabled() else registered_zero_stage()
+    model._expert_parallel_zero_stage = zero_stage
     modules = dict(model.named_modules())
     for name, param in expert_params.items():
         module_name, _, param_name = name.rpartition(".")
         local = nn.Parameter(param.to_local(), requires_grad=param.requires_grad)
         local.allreduce = False
         local.group_name = group_name
-        local.ds_zero_placement_family = "autoep_expert"
-        local.ds_zero_partition_group_name = group_name
-        # Not set by the engine, which only resolves placements for its own MoE modules.
-        local.ds_zero_partition_process_group = expert_data_parallel_group
+        if zero_stage == 3:
+            local.ds_zero_placement_family = "autoep_expert"
+            local.ds_zero_partition_group_name = group_name
+            # Not set by the engine, which only resolves placements for its own MoE modules.
+            local.ds_zero_partition_process_group = expert_data_parallel_group
         modules[module_name]._parameters[param_name] = local
         # On the parameter itself, the one record of it: it stays when wrappers rename the parameter (PEFT's
         # `base_layer`), and `expert_parallel_layout` derives the map by name from it.
@@ -391,7 +415,54 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     model._expert_parallel_handed_over = True
     for module_name in {name.rpartition(".")[0] for name in expert_params}:
         modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
-    model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
+        if zero_stage != 3:
+            _mark_as_deepspeed_moe(modules[module_name])
+    if zero_stage == 3:
+        model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
+
+
+@functools.cache
+def _deepspeed_moe_marked_class(cls):
+    """
+    Prototype (stages 1 and 2): `cls` also deriving from DeepSpeed's `MoE` (after `cls` in the MRO, so `cls`'s forward
+    and every method of it win), whose `set_deepspeed_parallelism` does nothing: the hand-over registered the groups.
+    """
+    from deepspeed.moe.layer import MoE
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False, **kwargs):
+        pass  # DeepSpeed's expert groups are registered by `prepare_expert_parallel_model_for_deepspeed`
+
+    return type(cls.__name__, (cls, MoE), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                           "set_deepspeed_parallelism": set_deepspeed_parallelism})
+
+
+def _mark_as_deepspeed_moe(experts):
+    """
+    Prototype (stages 1 and 2): make DeepSpeed's engine see an experts module as one of its MoE layers. The engine
+    sets `has_moe_layers` only for instances of `deepspeed.moe.layer.MoE` (or AutoEP's layer), and only then hands the
+    expert groups to the ZeRO-1/2 optimizer (`_configure_moe_settings`: the optimizer's MoE parameter groups are
+    partitioned and reduced over the expert-data-parallel group); parameter tags alone fail at the first backward.
+    """
+    experts.__class__ = _deepspeed_moe_marked_class(type(experts))
+
+
+def split_optimizer_param_groups_for_experts(optimizer):
+    """
+    Prototype (stages 1 and 2): split, in place and before any step, the parameter groups of a torch optimizer built
+    over an expert-parallel model into dense groups and DeepSpeed MoE groups (`moe: True`, `name: ep_size_N`), as
+    DeepSpeed's ZeRO-1/2 optimizer requires of MoE models (`split_params_into_different_moe_groups_for_optimizer`).
+    Each group keeps its own settings. A no-op when the groups are split already. Returns the optimizer.
+    """
+    from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
+
+    if any(is_moe_param_group(group) for group in optimizer.param_groups):
+        return optimizer
+    if optimizer.state:
+        raise ValueError("Split the optimizer's parameter groups for the experts before its first step.")
+    named = [{**group, "name": group.get("name", f"group_{i}")} for i, group in enumerate(optimizer.param_groups)]
+    split = split_params_into_different_moe_groups_for_optimizer(named)
+    optimizer.param_groups[:] = [group for group in split if group["params"]]
+    return optimizer
 
 
 def check_deepspeed_placement(model):

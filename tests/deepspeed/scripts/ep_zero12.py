@@ -1,0 +1,173 @@
+"""Rank side of the EP under ZeRO stages 1 and 2 prototype (issue 24): load a tiny MoE with
+``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first, the
+prototype switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW whose
+parameter groups the fork splits for the experts, train ``--steps`` steps on this rank's rows of each step's global
+batch (ep_reshard's batches), report losses, weights and Adam moments (experts: this rank's EP slice).
+
+``--untag`` (negative control): the expert tags (``allreduce``, ``group_name``) and the DeepSpeed MoE marker are
+removed before ``deepspeed.initialize``, so DeepSpeed takes the experts for dense parameters.
+``--ds-optimizer``: the DeepSpeed config's AdamW (``torch_adam``) instead of a client optimizer, which the engine
+splits itself for MoE models. Nothing is asserted here.
+"""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from tests.fork_utils.worker import init_process_group, rank, run_rank, world_size
+
+
+SEQ_LEN = 12
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--ep-size", type=int, required=True)
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--untag", action="store_true", help="negative control: expert tags removed")
+    parser.add_argument("--save-checkpoint", default=None,
+                        help="after training: engine.save_checkpoint here, then engine.load_checkpoint of it into "
+                             "zeroed weights; what happened is reported (`checkpoint`)")
+    parser.add_argument("--moe-attrs", action="store_true",
+                        help="research: give the marked experts modules the attributes DeepSpeed's MoE checkpoint "
+                             "code reads (expert_group_name, num_local_experts)")
+    parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
+    return parser.parse_args()
+
+
+def global_batch(args, step: int, vocab_size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1_000 + step)
+    return torch.randint(0, vocab_size, (args.global_batch, SEQ_LEN), generator=generator)
+
+
+def deepspeed_config(args) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": args.global_batch // world_size(),
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": args.stage},
+        "gradient_clipping": 1.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    if args.ds_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}}
+    return config
+
+
+def untag(model):
+    """Negative control: DeepSpeed sees the experts as dense parameters."""
+    for module in model.modules():
+        if "set_deepspeed_parallelism" in type(module).__dict__:  # marked by `_mark_as_deepspeed_moe`
+            module.__class__ = type(module).__mro__[1]
+    for param in model.parameters():
+        for attr in ("allreduce", "group_name"):
+            if hasattr(param, attr):
+                delattr(param, attr)
+
+
+def snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    state = {"param": {}, **{key: {} for key in MOMENT_KEYS}}
+    for name, param in engine.module.named_parameters():
+        state["param"][name] = param.data.detach().clone()
+        for key in MOMENT_KEYS:
+            try:
+                state[key][name] = safe_get_full_optimizer_state(param, key).detach().clone().view_as(param)
+            except ValueError as e:  # recorded: which parameters DeepSpeed cannot gather the moments of
+                state.setdefault("moment_errors", {})[f"{name}/{key}"] = str(e)
+    return state
+
+
+def main():
+    args = parse_args()
+    init_process_group()
+    import deepspeed
+    from deepspeed.moe.utils import is_moe_param
+
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed_expert_parallel import split_optimizer_param_groups_for_experts
+
+    config = deepspeed_config(args)
+    registered = HfDeepSpeedConfig(config)  # noqa: F841 (registered while it lives)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size), dtype=torch.float32
+    )
+    model.train()
+    if args.untag:
+        untag(model)
+    if args.moe_attrs:
+        for module in model.modules():
+            if "set_deepspeed_parallelism" in type(module).__dict__:
+                module.expert_group_name, module.num_local_experts = f"ep_size_{args.ep_size}", module.num_experts
+    loaded = {name: param.detach().clone() for name, param in model.named_parameters()}
+    if args.ds_optimizer:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        split_optimizer_param_groups_for_experts(optimizer)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    unchanged_by_initialize = all(torch.equal(p, loaded[n]) for n, p in engine.module.named_parameters())
+
+    losses, grad_norms, per_rank = [], [], args.global_batch // world_size()
+    for step in range(args.steps):
+        rows = global_batch(args, step, model.config.vocab_size)[rank() * per_rank : (rank() + 1) * per_rank]
+        loss = engine(input_ids=rows, labels=rows).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        grad_norms.append(float(engine.get_global_grad_norm()))  # before clipping, as DeepSpeed computes it
+    record = {
+        "losses": losses,
+        "final": snapshot(engine),
+        "rank": rank(),
+        "ep_rank": model._mesh_manager.get_mesh("ep").get_local_rank(),
+        "has_moe_layers": engine.has_moe_layers,
+        "moe_params": sorted(n for n, p in engine.module.named_parameters() if is_moe_param(p)),
+        "unchanged_by_initialize": unchanged_by_initialize,
+        "grad_norms": grad_norms,
+    }
+    if args.save_checkpoint:
+        record["checkpoint"] = save_and_load(engine, args.save_checkpoint, record["final"]["param"])
+    dist.barrier()
+    return record
+
+
+def save_and_load(engine, directory, trained) -> dict:
+    """DeepSpeed's own checkpoint round trip of the trained engine (prototype: reported, not asserted)."""
+    import os
+    import traceback
+
+    outcome = {}
+    try:
+        engine.save_checkpoint(directory, tag="t")
+        outcome["files"] = sorted(os.listdir(os.path.join(directory, "t")))
+    except Exception as e:
+        traceback.print_exc()
+        outcome["save_error"] = f"{type(e).__name__}: {e}"
+        return outcome
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            param.zero_()
+    try:
+        # DeepSpeed's own load, not the fork's ZeRO-3 resharding wrapper (`reshard_in_deepspeed_load_checkpoint`)
+        load = type(engine).load_checkpoint
+        getattr(load, "__wrapped__", load)(engine, directory, tag="t")
+        loaded = {name: param.detach() for name, param in engine.module.named_parameters()}
+        outcome["not_restored"] = sorted(n for n, t in trained.items() if not torch.equal(loaded[n], t))
+    except Exception as e:
+        traceback.print_exc()
+        outcome["load_error"] = f"{type(e).__name__}: {e}"
+    return outcome
+
+
+if __name__ == "__main__":
+    run_rank(main)
