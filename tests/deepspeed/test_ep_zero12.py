@@ -1,10 +1,11 @@
 """Prototype (issue 24): expert parallelism under DeepSpeed ZeRO stages 1 and 2.
 
 2 CPU ranks under torchrun, tiny Qwen3-MoE loaded with `DistributedConfig(ep_size=2)` under a ZeRO stage 1 or 2 config
-(the prototype switched on with `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`), `deepspeed.initialize` with a torch AdamW whose
-groups `split_optimizer_param_groups_for_experts` split: 3 steps at parity with one process on the same global batches
-(ep_reshard's batches; the losses, and the weights within the noise floor of `test_ep_zero3_reshard`). Negative control:
-the expert tags removed before `deepspeed.initialize` land off the reference.
+(the prototype switched on with `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`), `deepspeed.initialize` with a torch AdamW of one
+group, which `deepspeed.initialize` splits into dense and expert groups (the fork's hand-over), and the `Trainer`:
+3 steps at parity with one process on the same global batches (ep_reshard's batches; the losses, the gradient norms,
+and the weights within the noise floor of `test_ep_zero3_reshard`). Negative control: the expert tags removed before
+`deepspeed.initialize` land off the reference.
 """
 
 import shutil
@@ -87,6 +88,7 @@ class EPZero12PrototypeTest(unittest.TestCase):
             self.assertTrue(report["has_moe_layers"])
             self.assertTrue(report["unchanged_by_initialize"], "deepspeed.initialize changed this rank's experts")
             self.assertEqual(len(report["moe_params"]), 4)  # gate_up_proj and down_proj of 2 layers
+            self.assertIn(["ep_size_2", True], [list(group) for group in report["optimizer_groups"]])
         # the experts differ across EP ranks
         self.assertFalse(all(
             (results[0]["final"]["param"][n] == results[1]["final"]["param"][n]).all()
@@ -97,6 +99,15 @@ class EPZero12PrototypeTest(unittest.TestCase):
             for got, want in zip(report["grad_norms"], self.reference_norms):
                 self.assertLess(abs(got - want) / want, 1e-5, f"grad norms {report['grad_norms']} vs "
                                 f"{self.reference_norms}")
+        relative, diff, worst = self.off_reference(results)
+        self.assertLessEqual(relative, 1e-5)
+        self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
+
+    def test_trainer_at_stage_2_trains_at_parity_with_one_process(self):
+        results = self.run_ranks(2, "--entry", "trainer")
+        for report in results.values():
+            self.assertTrue(report["has_moe_layers"])
+            self.assertIn(["ep_size_2", True], [list(group) for group in report["optimizer_groups"]])
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")

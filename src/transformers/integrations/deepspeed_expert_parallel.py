@@ -128,7 +128,7 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     if model_or_distributed_config is None:
         return False
     if isinstance(model_or_distributed_config, DistributedConfig):
-        # Prototype: stages 1 and 2 take the same load path and hand-over (`is_expert_parallel_zero12_prototype_enabled`)
+        # Prototype: stages 1 and 2 take the same load path and hand-over
         under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_prototype_enabled()
         return under_deepspeed and model_or_distributed_config.ep_size > 1
     return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
@@ -419,6 +419,8 @@ def prepare_expert_parallel_model_for_deepspeed(model):
             _mark_as_deepspeed_moe(modules[module_name])
     if zero_stage == 3:
         model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
+    else:
+        split_client_optimizers_for_experts()
 
 
 @functools.cache
@@ -444,6 +446,38 @@ def _mark_as_deepspeed_moe(experts):
     partitioned and reduced over the expert-data-parallel group); parameter tags alone fail at the first backward.
     """
     experts.__class__ = _deepspeed_moe_marked_class(type(experts))
+
+
+def split_client_optimizers_for_experts():
+    """
+    Prototype (stages 1 and 2), called at the hand-over: from then on `deepspeed.initialize` (directly, through
+    `Accelerator.prepare` or the `Trainer`) splits the parameter groups of the client optimizer it is given for an
+    expert-parallel model at stage 1 or 2 (`split_optimizer_param_groups_for_experts`), as it does itself only for
+    the optimizers it builds from its config (`configure_moe_param_groups`). A client optimizer given as a callable is
+    split once built. Wraps `DeepSpeedEngine._configure_optimizer` (once; other engines are left alone).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    configure = DeepSpeedEngine._configure_optimizer
+    if getattr(configure, "splits_expert_parameter_groups", False):
+        return
+
+    @functools.wraps(configure)
+    def _configure_optimizer(engine, client_optimizer, model_parameters):
+        expert_parallel = any(vars(m).get("_expert_parallel_zero_stage") in (1, 2) for m in engine.module.modules())
+        if client_optimizer is not None and engine.has_moe_layers and expert_parallel:
+            if isinstance(client_optimizer, torch.optim.Optimizer):
+                split_optimizer_param_groups_for_experts(client_optimizer)
+            elif callable(client_optimizer):
+                build = client_optimizer
+
+                def client_optimizer(params):
+                    return split_optimizer_param_groups_for_experts(build(params))
+
+        return configure(engine, client_optimizer, model_parameters)
+
+    _configure_optimizer.splits_expert_parameter_groups = True
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
 
 
 def split_optimizer_param_groups_for_experts(optimizer):

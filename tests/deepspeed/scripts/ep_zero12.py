@@ -1,13 +1,15 @@
 """Rank side of the EP under ZeRO stages 1 and 2 prototype (issue 24): load a tiny MoE with
 ``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first, the
-prototype switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW whose
-parameter groups the fork splits for the experts, train ``--steps`` steps on this rank's rows of each step's global
-batch (ep_reshard's batches), report losses, weights and Adam moments (experts: this rank's EP slice).
+prototype switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW of one
+parameter group (the fork's hand-over has ``deepspeed.initialize`` split it for the experts), train ``--steps`` steps
+on this rank's rows of each step's global batch (ep_reshard's batches), report losses, gradient norms, weights and Adam
+moments (experts: this rank's EP slice; moments DeepSpeed cannot gather are listed in ``moment_errors``).
 
 ``--untag`` (negative control): the expert tags (``allreduce``, ``group_name``) and the DeepSpeed MoE marker are
 removed before ``deepspeed.initialize``, so DeepSpeed takes the experts for dense parameters.
 ``--ds-optimizer``: the DeepSpeed config's AdamW (``torch_adam``) instead of a client optimizer, which the engine
-splits itself for MoE models. Nothing is asserted here.
+splits itself for MoE models. ``--save-checkpoint`` / ``--moe-attrs``: research on DeepSpeed's own checkpoint round
+trip (reported, not asserted). Nothing is asserted here.
 """
 
 import argparse
@@ -37,6 +39,8 @@ def parse_args():
     parser.add_argument("--moe-attrs", action="store_true",
                         help="research: give the marked experts modules the attributes DeepSpeed's MoE checkpoint "
                              "code reads (expert_group_name, num_local_experts)")
+    parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
+                        help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
     return parser.parse_args()
 
@@ -71,6 +75,11 @@ def untag(model):
                 delattr(param, attr)
 
 
+def optimizer_groups(engine) -> list[tuple[str, bool]]:
+    """The name and MoE flag of each group of the optimizer the ZeRO-1/2 optimizer wraps."""
+    return [(group.get("name"), bool(group.get("moe", False))) for group in engine.optimizer.optimizer.param_groups]
+
+
 def snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -85,8 +94,48 @@ def snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
     return state
 
 
+def main_trainer(args):
+    """The `Trainer` built as ep_reshard's (`train_with_trainer`), at stage 1 or 2."""
+    import os
+    import tempfile
+
+    from accelerate import PartialState
+
+    from tests.deepspeed.scripts.ep_reshard import train_with_trainer
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers.distributed import DistributedConfig
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    config = deepspeed_config(args)
+    config.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto", gradient_clipping="auto")
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), deepspeed=config, per_device_train_batch_size=args.global_batch // world_size(),
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0,
+        optim="adamw_torch", max_grad_norm=1.0, save_strategy="no", report_to="none", disable_tqdm=True,
+        accelerator_config={"use_configured_state": True},
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size), dtype=torch.float32
+    )
+    record = {"losses": []}
+    args.first_step, args.resume_from = 0, None
+    engine = train_with_trainer(args, training_args, model, record)
+    record.update(
+        final={"param": {n: p.detach().clone() for n, p in engine.module.named_parameters()}},
+        rank=rank(),
+        ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank(),
+        has_moe_layers=engine.has_moe_layers,
+        optimizer_groups=optimizer_groups(engine),
+    )
+    dist.barrier()
+    return record
+
+
 def main():
     args = parse_args()
+    if args.entry == "trainer":
+        return main_trainer(args)
     init_process_group()
     import deepspeed
     from deepspeed.moe.utils import is_moe_param
@@ -94,7 +143,6 @@ def main():
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed_expert_parallel import split_optimizer_param_groups_for_experts
 
     config = deepspeed_config(args)
     registered = HfDeepSpeedConfig(config)  # noqa: F841 (registered while it lives)
@@ -112,8 +160,8 @@ def main():
     if args.ds_optimizer:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     else:
+        # One group, as users and the Trainer build it: `deepspeed.initialize` splits it for the experts (the fork)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        split_optimizer_param_groups_for_experts(optimizer)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     unchanged_by_initialize = all(torch.equal(p, loaded[n]) for n, p in engine.module.named_parameters())
 
@@ -126,6 +174,7 @@ def main():
         losses.append(loss.item())
         grad_norms.append(float(engine.get_global_grad_norm()))  # before clipping, as DeepSpeed computes it
     record = {
+        "optimizer_groups": optimizer_groups(engine),
         "losses": losses,
         "final": snapshot(engine),
         "rank": rank(),
