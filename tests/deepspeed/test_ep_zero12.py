@@ -5,7 +5,8 @@
 group, which `deepspeed.initialize` splits into dense and expert groups (the fork's hand-over), and the `Trainer`:
 3 steps at parity with one process on the same global batches (ep_reshard's batches; the losses, the gradient norms,
 and the weights within the noise floor of `test_ep_zero3_reshard`). Negative control: the expert tags removed before
-`deepspeed.initialize` land off the reference.
+`deepspeed.initialize` land off the reference. Gradient accumulation 2 at stage 2, then `save_pretrained` on every rank
+reloads in one process to exactly the trained weights.
 """
 
 import shutil
@@ -111,6 +112,24 @@ class EPZero12PrototypeTest(unittest.TestCase):
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
+
+    def test_gradient_accumulation_2_then_save_pretrained_on_every_rank(self):
+        """Stage 2, 2 micro batches per step: at parity; `save_pretrained` on every rank writes every expert, and the
+        checkpoint reloads in one process to exactly the trained weights."""
+        from transformers import AutoModelForCausalLM
+
+        saved = self.tmp / "saved-gas2"
+        results = self.run_ranks(2, "--gas", 2, "--save-pretrained", saved)
+        relative, diff, worst = self.off_reference(results)
+        self.assertLessEqual(relative, 1e-5)
+        self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
+        self.assertEqual([report["save_pretrained"] for report in results.values()], ["ok", "ok"])
+        trained = assemble_experts(
+            {r: {"ep_rank": report["ep_rank"], "final": report["final"]["param"]} for r, report in results.items()},
+            "final", 2,
+        )
+        reloaded = dict(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).named_parameters())
+        self.assertEqual(max_diff({name: reloaded[name].detach() for name in trained}, trained)[0], 0.0)
 
     def test_negative_control_untagged_experts_land_off_the_reference(self):
         results = self.run_ranks(2, "--untag")

@@ -39,6 +39,8 @@ def parse_args():
     parser.add_argument("--moe-attrs", action="store_true",
                         help="research: give the marked experts modules the attributes DeepSpeed's MoE checkpoint "
                              "code reads (expert_group_name, num_local_experts)")
+    parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps (micro batches per step)")
+    parser.add_argument("--save-pretrained", default=None, help="research: `save_pretrained` here after training")
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
                         help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
@@ -52,8 +54,8 @@ def global_batch(args, step: int, vocab_size: int) -> torch.Tensor:
 
 def deepspeed_config(args) -> dict:
     config = {
-        "train_micro_batch_size_per_gpu": args.global_batch // world_size(),
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": args.global_batch // world_size() // args.gas,
+        "gradient_accumulation_steps": args.gas,
         "zero_optimization": {"stage": args.stage},
         "gradient_clipping": 1.0,
         "zero_allow_untested_optimizer": True,
@@ -168,10 +170,13 @@ def main():
     losses, grad_norms, per_rank = [], [], args.global_batch // world_size()
     for step in range(args.steps):
         rows = global_batch(args, step, model.config.vocab_size)[rank() * per_rank : (rank() + 1) * per_rank]
-        loss = engine(input_ids=rows, labels=rows).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+        micro_losses = []
+        for micro in rows.chunk(args.gas):  # DeepSpeed steps the optimizer at the last one
+            loss = engine(input_ids=micro, labels=micro).loss
+            engine.backward(loss)
+            engine.step()
+            micro_losses.append(loss.item())
+        losses.append(sum(micro_losses) / len(micro_losses))
         grad_norms.append(float(engine.get_global_grad_norm()))  # before clipping, as DeepSpeed computes it
     record = {
         "optimizer_groups": optimizer_groups(engine),
@@ -184,6 +189,15 @@ def main():
         "unchanged_by_initialize": unchanged_by_initialize,
         "grad_norms": grad_norms,
     }
+    if args.save_pretrained:
+        try:
+            model.save_pretrained(args.save_pretrained)
+            record["save_pretrained"] = "ok"
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            record["save_pretrained"] = f"{type(e).__name__}: {e}"
     if args.save_checkpoint:
         record["checkpoint"] = save_and_load(engine, args.save_checkpoint, record["final"]["param"])
     dist.barrier()
