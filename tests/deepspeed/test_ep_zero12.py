@@ -5,8 +5,9 @@
 group, which `deepspeed.initialize` splits into dense and expert groups (the fork's hand-over), and the `Trainer`:
 3 steps at parity with one process on the same global batches (ep_reshard's batches; the losses, the gradient norms,
 and the weights within the noise floor of `test_ep_zero3_reshard`). Negative control: the expert tags removed before
-`deepspeed.initialize` land off the reference. Gradient accumulation 2 at stage 2, then `save_pretrained` on every rank
-reloads in one process to exactly the trained weights.
+`deepspeed.initialize` land off the reference. Also with the optimizer offloaded to the CPU (the torch AdamW as
+given), and with gradient accumulation 2 at stage 2, after which `save_pretrained` on every rank reloads in one process
+to exactly the trained weights.
 """
 
 import shutil
@@ -82,9 +83,9 @@ class EPZero12PrototypeTest(unittest.TestCase):
         diff, worst = max_diff(weights, ref_state["param"])
         return relative, diff, worst
 
-    @parameterized.expand([(1,), (2,)])
-    def test_ep2_trains_at_parity_with_one_process(self, stage):
-        results = self.run_ranks(stage)
+    @parameterized.expand([("stage_1", 1), ("stage_2", 2), ("stage_2_optimizer_offload", 2, "--offload")])
+    def test_ep2_trains_at_parity_with_one_process(self, _name, stage, *extra):
+        results = self.run_ranks(stage, *extra)
         for report in results.values():
             self.assertTrue(report["has_moe_layers"])
             self.assertTrue(report["unchanged_by_initialize"], "deepspeed.initialize changed this rank's experts")

@@ -41,6 +41,9 @@ def parse_args():
                              "code reads (expert_group_name, num_local_experts)")
     parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps (micro batches per step)")
     parser.add_argument("--save-pretrained", default=None, help="research: `save_pretrained` here after training")
+    parser.add_argument("--bf16", action="store_true", help="research: DeepSpeed bf16 (fp32 master weights)")
+    parser.add_argument("--offload", action="store_true",
+                        help="research: offload_optimizer to the CPU, the torch optimizer as given")
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
                         help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
@@ -61,6 +64,11 @@ def deepspeed_config(args) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if args.bf16:
+        config["bf16"] = {"enabled": True}
+    if args.offload:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
     if args.ds_optimizer:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}}
     return config
