@@ -20,7 +20,7 @@ from parameterized import parameterized
 
 import torch
 
-from tests.deepspeed.test_ep_zero3_reshard import CLIP, global_batch, train_reference
+from tests.deepspeed.test_ep_zero3_reshard import CLIP, MOMENT_KEYS, global_batch, train_reference
 from tests.fork_utils.expert_state import assemble_experts, max_diff
 from tests.fork_utils.launcher import launch
 from tests.fork_utils.tiny_models import make_checkpoint
@@ -60,7 +60,8 @@ class EPZero12PrototypeTest(unittest.TestCase):
         cls.reference = train_reference(cls.checkpoint, STEPS)
         cls.reference_norms = reference_grad_norms(cls.checkpoint, STEPS)
         # The noise floor: the reference with its batch summed in the ranks' two parts
-        cls.floor, _ = max_diff(train_reference(cls.checkpoint, STEPS, chunks=2)[1]["param"], cls.reference[1]["param"])
+        cls.reordered = train_reference(cls.checkpoint, STEPS, chunks=2)[1]
+        cls.floor, _ = max_diff(cls.reordered["param"], cls.reference[1]["param"])
 
     @classmethod
     def tearDownClass(cls):
@@ -83,6 +84,19 @@ class EPZero12PrototypeTest(unittest.TestCase):
         diff, worst = max_diff(weights, ref_state["param"])
         return relative, diff, worst
 
+    def assert_moments_at_parity(self, results):
+        """Adam's moments (experts assembled over the EP ranks) within the noise floor, as test_ep_zero3_reshard's."""
+        for key in MOMENT_KEYS:
+            self.assertEqual(results[0]["final"].get("moment_errors"), None)
+            got = assemble_experts(
+                {r: {"ep_rank": report["ep_rank"], "final": report["final"][key]} for r, report in results.items()},
+                "final", 2,
+            )
+            floor, _ = max_diff(self.reordered[key], self.reference[1][key])
+            scale = max(t.abs().max().item() for t in self.reference[1][key].values())
+            diff, worst = max_diff(got, self.reference[1][key])
+            self.assertLessEqual(diff, max(10 * floor, 1e-4 * scale), f"{key} off by {diff} at {worst}; floor {floor}")
+
     @parameterized.expand([("stage_1", 1), ("stage_2", 2), ("stage_2_optimizer_offload", 2, "--offload")])
     def test_ep2_trains_at_parity_with_one_process(self, _name, stage, *extra):
         results = self.run_ranks(stage, *extra)
@@ -104,6 +118,7 @@ class EPZero12PrototypeTest(unittest.TestCase):
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
+        self.assert_moments_at_parity(results)
 
     def test_trainer_at_stage_2_trains_at_parity_with_one_process(self):
         results = self.run_ranks(2, "--entry", "trainer")

@@ -22,6 +22,7 @@ from tests.fork_utils.worker import init_process_group, rank, run_rank, world_si
 
 SEQ_LEN = 12
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+RELINK_OPTIMIZER_STATE = True
 
 
 def parse_args():
@@ -94,6 +95,11 @@ def snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     state = {"param": {}, **{key: {} for key in MOMENT_KEYS}}
+    if RELINK_OPTIMIZER_STATE:
+        # DeepSpeed links the optimizer state of every group to the parameters once, right after the first group's
+        # first step, when the later groups (the experts') have none yet: link again now that every group has stepped
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
         state["param"][name] = param.data.detach().clone()
         for key in MOMENT_KEYS:
