@@ -89,7 +89,7 @@ def check_deepspeed_version_is_tested():
 
 # Prototype (issue 24): expert parallelism under ZeRO stages 1 and 2, opt-in while it is built out. Without this set to
 # 1, stages 1 and 2 are refused as before (`check_expert_parallel_deepspeed_support`). See
-# /work/shared/research/deepspeed-ep-zero12.md for what it covers and what remains.
+# docs/research/deepspeed-ep-zero12.md for what it covers and what remains.
 EP_ZERO12_PROTOTYPE_ENV = "TRANSFORMERS_EP_ZERO12_PROTOTYPE"
 
 
