@@ -10,6 +10,7 @@ given), and with gradient accumulation 2 at stage 2, after which `save_pretraine
 to exactly the trained weights.
 """
 
+import os
 import shutil
 import tempfile
 import unittest
@@ -20,10 +21,20 @@ from parameterized import parameterized
 
 import torch
 
-from tests.deepspeed.test_ep_zero3_reshard import CLIP, MOMENT_KEYS, global_batch, train_reference
+from tests.deepspeed.test_ep_zero3_reshard import (
+    CLIP,
+    MOMENT_KEYS,
+    STEPS_PER_HOP,
+    ResumeChecks,
+    global_batch,
+    train_reference,
+)
+from tests.deepspeed.test_ep_zero3_reshard import SCRIPT as RESHARD_SCRIPT
+from tests.deepspeed.test_ep_zero3_reshard import TIMEOUT as RESHARD_TIMEOUT
+from tests.fork_utils.accelerate_config import generated_accelerate_yaml
 from tests.fork_utils.expert_state import assemble_experts, max_diff
 from tests.fork_utils.launcher import launch
-from tests.fork_utils.tiny_models import make_checkpoint
+from tests.fork_utils.tiny_models import make_checkpoint, num_experts
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "ep_zero12.py"
@@ -152,3 +163,103 @@ class EPZero12PrototypeTest(unittest.TestCase):
         self.assertFalse(results[0]["has_moe_layers"])
         relative, diff, worst = self.off_reference(results)
         self.assertGreater(diff, 100 * max(self.floor, 1e-6), f"untagged experts at the reference: {diff} at {worst}")
+
+
+@pytest.mark.multiprocess
+class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
+    """
+    DeepSpeed checkpoints of an EP 2 model under ZeRO stage 1 or 2 (ep_reshard.py's hops, 2 ranks, `--stage`): written
+    in DeepSpeed's MoE layout (one file per expert, by its global index; rank 0's model states without the experts; an
+    optimizer file per rank) by `engine.save_checkpoint`, `accelerator.save_state` and the Trainer, and resumed on the
+    same topology: right after the load every rank holds exactly the weights and Adam moments the saving run ended
+    with, and the resumed run is at parity with one uninterrupted process. Another number of ranks is refused on every
+    rank. Negative control: two experts' files swapped, the load fails on every rank.
+    """
+
+    tmp_prefix = "ep-zero12-resume-"
+
+    def zero12_hop(self, name, stage, nproc=2, resume_from=None, first_step=0, extra=(), **launch_options):
+        return self.hop(name, nproc, 2, resume_from=resume_from, first_step=first_step,
+                        extra=["--stage", stage, *extra], env=PROTOTYPE_ENV, **launch_options)
+
+    def tag_dir(self, name) -> Path:
+        directory = self.tmp / name
+        return directory / (directory / "latest").read_text().strip()
+
+    def assert_deepspeed_moe_layout(self, tag_dir: Path, final: dict):
+        """The files of DeepSpeed's MoE checkpoints, each expert's holding that expert of the trained weights."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.checkpoint)
+        layers, experts = config.num_hidden_layers, num_experts(config)
+        expected = {f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+                    for layer in range(layers) for expert in range(experts)}
+        expected |= {"mp_rank_00_model_states.pt", *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))}
+        self.assertEqual(set(os.listdir(tag_dir)) - {"zero_to_fp32.py"}, expected)
+        for layer in range(layers):
+            for expert in range(experts):
+                saved = torch.load(tag_dir / f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt")
+                prefix = f"model.layers.{layer}.mlp.experts."
+                for name in ("gate_up_proj", "down_proj"):
+                    key = f"{prefix}deepspeed_moe.experts.deepspeed_experts.{expert}.{name}"
+                    self.assertTrue(torch.equal(saved.pop(key), final["param"][prefix + name][expert]), key)
+                self.assertEqual(saved, {})
+        model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+        self.assertFalse([key for key in model_states["module"] if ".experts." in key])
+
+    def test_engine_checkpoint_resumes_on_the_same_topology_and_swapped_experts_fail_on_every_rank(self):
+        """Stage 2, `engine.save_checkpoint` / `engine.load_checkpoint`; then the same resume from a copy with two
+        experts' files swapped (negative control: raised on every rank, none left waiting); then on 4 ranks, refused
+        on every rank."""
+        saved = self.zero12_hop("s2-hop0", 2)
+        final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
+        self.assert_deepspeed_moe_layout(self.tag_dir("s2-hop0"), final)
+        resumed = self.zero12_hop("s2-hop1", 2, resume_from="s2-hop0", first_step=STEPS_PER_HOP,
+                                  extra=["--resume-with", "deepspeed"])
+        self.assert_loaded_exactly(resumed, 2, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
+
+        shutil.copytree(self.tmp / "s2-hop0", self.tmp / "swapped")
+        first, second = (self.tag_dir("swapped") / f"layer_0_expert_{e}_mp_rank_00_model_states.pt" for e in (0, 2))
+        first.rename(first.with_suffix(".tmp"))
+        second.rename(first)
+        first.with_suffix(".tmp").rename(second)
+        swapped = self.zero12_hop("swapped-hop1", 2, resume_from="swapped", first_step=STEPS_PER_HOP,
+                                  extra=["--resume-with", "deepspeed"])
+        # Rank 0 finds expert 2's keys in expert 0's file; rank 1 takes expert 0's (its key names local expert 0)
+        for rank, report in swapped.items():
+            self.assertRegex(report.get("resume_error", ""), "Loading the checkpoint failed on rank.s. .0.|Missing key",
+                             f"rank {rank}")
+
+        refused = self.zero12_hop("refused", 2, nproc=4, resume_from="s2-hop0", first_step=STEPS_PER_HOP,
+                                  extra=["--resume-with", "deepspeed"])
+        for rank, report in refused.items():
+            self.assertRegex(report.get("resume_error", ""), "NotImplementedError: .*written on 2 ranks, not 4.*"
+                             "same number of ranks and EP size", f"rank {rank}")
+
+    def test_accelerate_save_state_resumes_under_the_yaml_accelerate_config_writes(self):
+        """Stage 1 under `accelerate launch` with the yaml `accelerate config` writes (`zero_stage: 1`, offload
+        devices `none`): `accelerator.save_state`, then `accelerator.load_state` in a new launch."""
+        yaml_path = generated_accelerate_yaml(self.tmp / "stage1.yaml", param="none", optimizer="none", zero_stage=1)
+        options = {"launcher": "accelerate", "accelerate_config": yaml_path}
+        extra = ["--launch-config", "--resume-with", "accelerate"]
+        saved = self.zero12_hop("s1-hop0", 1, extra=extra, **options)
+        final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
+        resumed = self.zero12_hop("s1-hop1", 1, resume_from="s1-hop0", first_step=STEPS_PER_HOP, extra=extra,
+                                  **options)
+        self.assert_loaded_exactly(resumed, 2, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
+
+    def test_trainer_resumes_from_its_checkpoint(self):
+        """Stage 2, `Trainer.train(resume_from_checkpoint=...)` from the Trainer's own checkpoint of 3 steps."""
+        common = ["--checkpoint", self.checkpoint, "--entry", "trainer", "--ep-size", 2, "--stage", 2, "--steps",
+                  STEPS_PER_HOP, "--global-batch", GLOBAL_BATCH, "--lr", LR, "--output-dir", self.tmp / "trainer"]
+        first = launch(RESHARD_SCRIPT, [*common, "--save-steps", STEPS_PER_HOP], nproc=2, timeout=RESHARD_TIMEOUT,
+                       env=PROTOTYPE_ENV).check().results()
+        self.assert_at_parity_with_one_process(first, 2, STEPS_PER_HOP)
+        checkpoint = self.tmp / "trainer" / f"checkpoint-{STEPS_PER_HOP}"
+        resumed = launch(RESHARD_SCRIPT, [*common, "--first-step", STEPS_PER_HOP, "--resume-from", checkpoint],
+                         nproc=2, timeout=RESHARD_TIMEOUT, env=PROTOTYPE_ENV).check().results()
+        for rank, report in resumed.items():
+            self.assertEqual(len(report["losses"]), STEPS_PER_HOP, f"rank {rank} did not skip the trained steps")
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)

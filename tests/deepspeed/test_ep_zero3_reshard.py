@@ -31,7 +31,7 @@ from parameterized import parameterized
 from safetensors.torch import load_file
 
 from tests.fork_utils.accelerate_config import generated_accelerate_yaml
-from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_abs_diff, max_diff
+from tests.fork_utils.expert_state import assemble_experts, is_expert_param, max_diff
 from tests.fork_utils.launcher import launch, run_commands
 from tests.fork_utils.tiny_models import make_checkpoint
 
@@ -108,11 +108,15 @@ def whole_state(results: dict, key: str, ep_size: int) -> dict[str, dict[str, to
     return by_kind
 
 
-@pytest.mark.multiprocess
-class EPZero3ReshardTest(unittest.TestCase):
+class ResumeChecks:
+    """Hops of the rank script (each trains `STEPS_PER_HOP` steps, resumes from a previous hop's checkpoint, saves
+    its own) and the checks against one process, shared with the stage-1/2 resume tests (test_ep_zero12.py)."""
+
+    tmp_prefix = "ep-resume-"
+
     @classmethod
     def setUpClass(cls):
-        cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-reshard-"))
+        cls.tmp = Path(tempfile.mkdtemp(prefix=cls.tmp_prefix))
         cls.checkpoint = make_checkpoint("qwen3_moe", cls.tmp / "qwen3_moe", seed=31).path
         cls.references = {}
 
@@ -164,6 +168,11 @@ class EPZero3ReshardTest(unittest.TestCase):
                 self.assertTrue(torch.equal(loaded[kind][name], tensor), f"{kind} {name} not loaded exactly")
         for rank, report in results.items():
             self.assertEqual(report["global_steps_after_load"], saved_at_step, f"rank {rank}: the engine's step count")
+
+
+@pytest.mark.multiprocess
+class EPZero3ReshardTest(ResumeChecks, unittest.TestCase):
+    tmp_prefix = "ep-zero3-reshard-"
 
     def first_hop(self):
         """The first 3 steps on 2 ranks with EP 2, saved: where every chain starts (run once for the class)."""

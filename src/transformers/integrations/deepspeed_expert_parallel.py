@@ -413,90 +413,15 @@ def prepare_expert_parallel_model_for_deepspeed(model):
         # `base_layer`), and `expert_parallel_layout` derives the map by name from it.
         local.expert_shard_layout = ExpertShardLayout(tuple(param.shape), 0, ep_mesh.get_local_rank(), ep_size)
     model._expert_parallel_handed_over = True
-    for module_name in {name.rpartition(".")[0] for name in expert_params}:
-        modules[module_name].register_forward_pre_hook(_refuse_adapters_on_experts)
-        if zero_stage != 3:
-            _mark_as_deepspeed_moe(modules[module_name])
+    experts_modules = [modules[name] for name in sorted({name.rpartition(".")[0] for name in expert_params})]
+    for experts in experts_modules:
+        experts.register_forward_pre_hook(_refuse_adapters_on_experts)
     if zero_stage == 3:
         model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
     else:
-        split_client_optimizers_for_experts()
+        from .deepspeed_expert_parallel_zero12 import hand_over_for_zero_stage_1_or_2
 
-
-@functools.cache
-def _deepspeed_moe_marked_class(cls):
-    """
-    Prototype (stages 1 and 2): `cls` also deriving from DeepSpeed's `MoE` (after `cls` in the MRO, so `cls`'s forward
-    and every method of it win), whose `set_deepspeed_parallelism` does nothing: the hand-over registered the groups.
-    """
-    from deepspeed.moe.layer import MoE
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False, **kwargs):
-        pass  # DeepSpeed's expert groups are registered by `prepare_expert_parallel_model_for_deepspeed`
-
-    return type(cls.__name__, (cls, MoE), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                           "set_deepspeed_parallelism": set_deepspeed_parallelism})
-
-
-def _mark_as_deepspeed_moe(experts):
-    """
-    Prototype (stages 1 and 2): make DeepSpeed's engine see an experts module as one of its MoE layers. The engine
-    sets `has_moe_layers` only for instances of `deepspeed.moe.layer.MoE` (or AutoEP's layer), and only then hands the
-    expert groups to the ZeRO-1/2 optimizer (`_configure_moe_settings`: the optimizer's MoE parameter groups are
-    partitioned and reduced over the expert-data-parallel group); parameter tags alone fail at the first backward.
-    """
-    experts.__class__ = _deepspeed_moe_marked_class(type(experts))
-
-
-def split_client_optimizers_for_experts():
-    """
-    Prototype (stages 1 and 2), called at the hand-over: from then on `deepspeed.initialize` (directly, through
-    `Accelerator.prepare` or the `Trainer`) splits the parameter groups of the client optimizer it is given for an
-    expert-parallel model at stage 1 or 2 (`split_optimizer_param_groups_for_experts`), as it does itself only for
-    the optimizers it builds from its config (`configure_moe_param_groups`). A client optimizer given as a callable is
-    split once built. Wraps `DeepSpeedEngine._configure_optimizer` (once; other engines are left alone).
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    configure = DeepSpeedEngine._configure_optimizer
-    if getattr(configure, "splits_expert_parameter_groups", False):
-        return
-
-    @functools.wraps(configure)
-    def _configure_optimizer(engine, client_optimizer, model_parameters):
-        expert_parallel = any(vars(m).get("_expert_parallel_zero_stage") in (1, 2) for m in engine.module.modules())
-        if client_optimizer is not None and engine.has_moe_layers and expert_parallel:
-            if isinstance(client_optimizer, torch.optim.Optimizer):
-                split_optimizer_param_groups_for_experts(client_optimizer)
-            elif callable(client_optimizer):
-                build = client_optimizer
-
-                def client_optimizer(params):
-                    return split_optimizer_param_groups_for_experts(build(params))
-
-        return configure(engine, client_optimizer, model_parameters)
-
-    _configure_optimizer.splits_expert_parameter_groups = True
-    DeepSpeedEngine._configure_optimizer = _configure_optimizer
-
-
-def split_optimizer_param_groups_for_experts(optimizer):
-    """
-    Prototype (stages 1 and 2): split, in place and before any step, the parameter groups of a torch optimizer built
-    over an expert-parallel model into dense groups and DeepSpeed MoE groups (`moe: True`, `name: ep_size_N`), as
-    DeepSpeed's ZeRO-1/2 optimizer requires of MoE models (`split_params_into_different_moe_groups_for_optimizer`).
-    Each group keeps its own settings. A no-op when the groups are split already. Returns the optimizer.
-    """
-    from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
-
-    if any(is_moe_param_group(group) for group in optimizer.param_groups):
-        return optimizer
-    if optimizer.state:
-        raise ValueError("Split the optimizer's parameter groups for the experts before its first step.")
-    named = [{**group, "name": group.get("name", f"group_{i}")} for i, group in enumerate(optimizer.param_groups)]
-    split = split_params_into_different_moe_groups_for_optimizer(named)
-    optimizer.param_groups[:] = [group for group in split if group["params"]]
-    return optimizer
+        hand_over_for_zero_stage_1_or_2(experts_modules, group_name)
 
 
 def check_deepspeed_placement(model):

@@ -46,6 +46,11 @@ from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
 from .deepspeed_expert_parallel import errors_raised_on_every_rank, offload_device
+from .deepspeed_expert_parallel_zero12 import (
+    check_same_topology,
+    expert_parallel_zero_stage,
+    link_optimizer_state_of_every_group,
+)
 
 
 if is_torch_available():
@@ -611,6 +616,8 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
             return deepspeeds_own()
         if load_module_only or custom_load_fn is not None or not _expert_parallel_models_in(engine.module):
             return deepspeeds_own()
+        if expert_parallel_zero_stage(engine.module) in (1, 2):
+            return _load_zero12_checkpoint_of_this_topology(engine, load_dir, tag, load_optimizer_states, deepspeeds_own)
         try:
             checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
         except FileNotFoundError:
@@ -624,6 +631,34 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
 
     load_checkpoint_on_any_topology.reshards_expert_parallel_models = True
     engine_class.load_checkpoint = load_checkpoint_on_any_topology
+
+
+def _load_zero12_checkpoint_of_this_topology(engine, load_dir, tag, load_optimizer_states, deepspeeds_own):
+    """
+    An expert-parallel engine under ZeRO stage 1 or 2: DeepSpeed's loader (the experts from DeepSpeed's per-expert
+    files, see `deepspeed_expert_parallel_zero12`) once every rank found the checkpoint written on this topology
+    (`check_same_topology`, which refuses others on every rank), its errors raised on every rank; then the optimizer
+    state of every group linked to the parameters again, which DeepSpeed's load unlinks.
+    """
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    try:
+        checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
+    except FileNotFoundError:
+        checkpoint_dir = None
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, checkpoint_dir is not None)
+    if all(found):
+        check_same_topology(engine, checkpoint_dir)
+    result = None
+    # Each rank reads its own experts' files: one that fails (a missing or foreign file) must not leave the others
+    # waiting in their first collective after the load
+    with errors_raised_on_every_rank("Loading the checkpoint"):
+        result = deepspeeds_own()
+    if load_optimizer_states and isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        link_optimizer_state_of_every_group(engine.optimizer)
+    return result
 
 
 def reshard_in_deepspeed_load_checkpoint():

@@ -1,5 +1,6 @@
 """Rank side of the topology-change tests: train a tiny MoE under DeepSpeed ZeRO-3, with or without EP, resume from a
-DeepSpeed checkpoint written on another topology, save one.
+DeepSpeed checkpoint written on another topology, save one. ``--stage 1`` / ``2``: the same under ZeRO stage 1 or 2
+(test_ep_zero12.py: resumed on the same topology).
 
 Every step has the same global batch whatever the number of ranks (``--global-batch`` rows, step s's drawn from seed
 s): rank r of W trains on rows [r * G/W, (r + 1) * G/W). So a run on 2 ranks followed by a resumed run on 4 ranks
@@ -59,6 +60,7 @@ def parse_args():
                         help="DeepSpeed bf16 training, fp32 master weights (with --launch-config: the yaml decides)")
     parser.add_argument("--zero3-save-16bit", choices=["true", "false"], default=None,
                         help="stage3_gather_16bit_weights_on_model_save in the DeepSpeed config (unset: not written)")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="the ZeRO stage (1 and 2: issue 24)")
     parser.add_argument("--launch-config", action="store_true",
                         help="under accelerate launch: keep the DeepSpeed config accelerate built from the launch's "
                              "yaml (e.g. the one `accelerate config` writes), filling in only the micro batch size")
@@ -71,7 +73,7 @@ def global_batch(args, step: int, vocab_size: int) -> torch.Tensor:
 
 
 def deepspeed_config(args) -> dict:
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0} if args.stage == 3 else {"stage": args.stage}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
     if args.zero3_save_16bit is not None:

@@ -8,8 +8,7 @@ moments (experts: this rank's EP slice; moments DeepSpeed cannot gather are list
 ``--untag`` (negative control): the expert tags (``allreduce``, ``group_name``) and the DeepSpeed MoE marker are
 removed before ``deepspeed.initialize``, so DeepSpeed takes the experts for dense parameters.
 ``--ds-optimizer``: the DeepSpeed config's AdamW (``torch_adam``) instead of a client optimizer, which the engine
-splits itself for MoE models. ``--save-checkpoint`` / ``--moe-attrs``: research on DeepSpeed's own checkpoint round
-trip (reported, not asserted). Nothing is asserted here.
+splits itself for MoE models. Nothing is asserted here.
 """
 
 import argparse
@@ -22,7 +21,6 @@ from tests.fork_utils.worker import init_process_group, rank, run_rank, world_si
 
 SEQ_LEN = 12
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-RELINK_OPTIMIZER_STATE = True
 
 
 def parse_args():
@@ -34,12 +32,6 @@ def parse_args():
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--untag", action="store_true", help="negative control: expert tags removed")
-    parser.add_argument("--save-checkpoint", default=None,
-                        help="after training: engine.save_checkpoint here, then engine.load_checkpoint of it into "
-                             "zeroed weights; what happened is reported (`checkpoint`)")
-    parser.add_argument("--moe-attrs", action="store_true",
-                        help="research: give the marked experts modules the attributes DeepSpeed's MoE checkpoint "
-                             "code reads (expert_group_name, num_local_experts)")
     parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps (micro batches per step)")
     parser.add_argument("--save-pretrained", default=None, help="research: `save_pretrained` here after training")
     parser.add_argument("--bf16", action="store_true", help="research: DeepSpeed bf16 (fp32 master weights)")
@@ -78,7 +70,7 @@ def deepspeed_config(args) -> dict:
 def untag(model):
     """Negative control: DeepSpeed sees the experts as dense parameters."""
     for module in model.modules():
-        if "set_deepspeed_parallelism" in type(module).__dict__:  # marked by `_mark_as_deepspeed_moe`
+        if "set_deepspeed_parallelism" in type(module).__dict__:  # marked by `mark_experts_as_deepspeed_moe`
             module.__class__ = type(module).__mro__[1]
     for param in model.parameters():
         for attr in ("allreduce", "group_name"):
@@ -95,11 +87,6 @@ def snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     state = {"param": {}, **{key: {} for key in MOMENT_KEYS}}
-    if RELINK_OPTIMIZER_STATE:
-        # DeepSpeed links the optimizer state of every group to the parameters once, right after the first group's
-        # first step, when the later groups (the experts') have none yet: link again now that every group has stepped
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, param in engine.module.named_parameters():
         state["param"][name] = param.data.detach().clone()
         for key in MOMENT_KEYS:
@@ -168,10 +155,6 @@ def main():
     model.train()
     if args.untag:
         untag(model)
-    if args.moe_attrs:
-        for module in model.modules():
-            if "set_deepspeed_parallelism" in type(module).__dict__:
-                module.expert_group_name, module.num_local_experts = f"ep_size_{args.ep_size}", module.num_experts
     loaded = {name: param.detach().clone() for name, param in model.named_parameters()}
     if args.ds_optimizer:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
@@ -212,38 +195,8 @@ def main():
 
             traceback.print_exc()
             record["save_pretrained"] = f"{type(e).__name__}: {e}"
-    if args.save_checkpoint:
-        record["checkpoint"] = save_and_load(engine, args.save_checkpoint, record["final"]["param"])
     dist.barrier()
     return record
-
-
-def save_and_load(engine, directory, trained) -> dict:
-    """DeepSpeed's own checkpoint round trip of the trained engine (prototype: reported, not asserted)."""
-    import os
-    import traceback
-
-    outcome = {}
-    try:
-        engine.save_checkpoint(directory, tag="t")
-        outcome["files"] = sorted(os.listdir(os.path.join(directory, "t")))
-    except Exception as e:
-        traceback.print_exc()
-        outcome["save_error"] = f"{type(e).__name__}: {e}"
-        return outcome
-    with torch.no_grad():
-        for param in engine.module.parameters():
-            param.zero_()
-    try:
-        # DeepSpeed's own load, not the fork's ZeRO-3 resharding wrapper (`reshard_in_deepspeed_load_checkpoint`)
-        load = type(engine).load_checkpoint
-        getattr(load, "__wrapped__", load)(engine, directory, tag="t")
-        loaded = {name: param.detach() for name, param in engine.module.named_parameters()}
-        outcome["not_restored"] = sorted(n for n, t in trained.items() if not torch.equal(loaded[n], t))
-    except Exception as e:
-        traceback.print_exc()
-        outcome["load_error"] = f"{type(e).__name__}: {e}"
-    return outcome
 
 
 if __name__ == "__main__":
