@@ -45,8 +45,8 @@ help:
 	@echo "make bench-export  offline export of a 2-rank EP ZeRO-3 checkpoint to an HF checkpoint: peak memory at 2 model sizes"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
-	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P ...\"  per-rank memory of EP + ZeRO-3 (no weights read)"
-	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, offload (about 7 min)"
+	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P [--stage S] [--gpu-memory GiB] ...\"  per-rank memory of EP + ZeRO-1/2/3, which stages fit (no weights read)"
+	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, ZeRO-1/2/3, offload (about 8 min)"
 	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
 	@echo "make test-expert-load   every expert load metrics test: Trainer and accelerate, with and without EP, 2 and 4 ranks"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
@@ -178,15 +178,17 @@ bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)
 
-# Memory planner (integrations/deepspeed_expert_parallel_memory.py): per-rank ZeRO-3 state, working buffers, load and
-# save peaks of an EP + ZeRO-3 run from a model id, directory or config JSON, on the meta device.
+# Memory planner (integrations/deepspeed_expert_parallel_memory.py): per-rank ZeRO state, working buffers, load and
+# save peaks of an EP + ZeRO run from a model id, directory or config JSON, on the meta device; the stage planned in
+# detail (--stage, or the --deepspeed config's) and stages 1, 2 and 3 side by side (--gpu-memory GiB: which fit).
 # ARGS="examples/ep_deepspeed/memory_configs/qwen3_30b_a3b.json --world-size 16 --ep-size 8 --offload-optimizer"
 ARGS ?=
 plan-memory: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m transformers.integrations.deepspeed_expert_parallel_memory $(ARGS)
 
-# The planner's figures against measured CPU runs, 2 and 4 ranks (CI runs the 2-rank EP 2 part only), about 7 min.
+# The planner's figures against measured CPU runs, 2 and 4 ranks, ZeRO-3 and (the stage-1/2 prototype) ZeRO-1/2 (CI
+# runs the 2-rank EP 2 part only), about 8 min.
 check-memory-plan: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_MEMORY_PLAN_SWEEP=1 $(PY) -m pytest tests/deepspeed/test_ep_zero3_memory_plan.py -v -s $(PYTEST_ARGS)
