@@ -138,7 +138,9 @@ class EPZero3LoadTest(unittest.TestCase):
         """`DistributedConfig(ep_size=2, fsdp_size=2)` loaded before `TrainingArguments(deepspeed=...)` exists: FSDP2
         shards the model and nothing is handed over to DeepSpeed. Later gates ask the model, not the ZeRO-3 config
         registered since: `save_pretrained` takes upstream's distributed save (a complete checkpoint), and a Trainer
-        with DeepSpeed refuses the model on every rank, saying what to do."""
+        with DeepSpeed, `Accelerator.prepare` (model alone, or with its optimizer) and `deepspeed.initialize` refuse
+        the model on every rank, saying what to do, instead of failing in torch ("Couldn't swap
+        FSDPEmbedding.weight"). A dense module still gets its engine."""
         saved = self.tmp / "saved-before-deepspeed"
         results = self.launch_load("qwen3_moe", "--mode", "plain", "--ep-size", "2", "--fsdp-size", "2",
                                    "--deepspeed-after-load", saved, launcher="torchrun").check().results()
@@ -154,6 +156,13 @@ class EPZero3LoadTest(unittest.TestCase):
             self.assertIn("while no DeepSpeed ZeRO-3 config was registered", after["trainer_error"] or "",
                           f"rank {rank}: {after['trainer_error']}")
             self.assertIn("before `from_pretrained`", after["trainer_error"])
+            for way in ("prepare_model", "prepare_model_optimizer", "initialize"):
+                error = after[f"{way}_error"] or ""
+                for part in ("ValueError: This model was loaded with expert parallelism", "create the `Accelerator`",
+                             "before `from_pretrained`"):
+                    self.assertIn(part, error, f"rank {rank}: {way}")
+            self.assertIsNone(after["dense_initialize_error"], f"rank {rank}")
+            self.assertTrue(after["dense_partitioned"], f"rank {rank}: no ZeRO-3 engine was built on the dense module")
 
         from transformers import AutoModelForCausalLM
 

@@ -15,6 +15,7 @@ from transformers.distributed import DistributedConfig
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.integrations.deepspeed_expert_parallel import (
+    _refuse_models_not_handed_over,
     check_model_handed_over_to_deepspeed,
     is_expert_parallel_under_zero3,
     loads_with_zero3,
@@ -113,3 +114,27 @@ class DistributedConfigUnderDeepSpeedTest(unittest.TestCase):
         model._expert_parallel_under_zero3 = True
         check_model_handed_over_to_deepspeed(model)
         check_model_handed_over_to_deepspeed(torch.nn.Linear(2, 2))  # no expert parallelism: nothing to refuse
+
+    def test_deepspeed_engine_refuses_an_expert_parallel_model_it_does_not_own(self):
+        """The engine's `__init__` checks its model first, however it is passed, and stays wrapped once."""
+
+        class ExpertParallelModel(torch.nn.Linear):
+            has_ep = True
+
+        class Engine:  # DeepSpeedEngine's signature: `deepspeed.initialize` passes the model by keyword
+            def __init__(self, args, model, optimizer=None):
+                self.module = model
+
+        _refuse_models_not_handed_over(Engine)
+        wrapped = Engine.__init__
+        _refuse_models_not_handed_over(Engine)
+        self.assertIs(Engine.__init__, wrapped)
+
+        model = ExpertParallelModel(2, 2)
+        for build in (lambda: Engine(None, model), lambda: Engine(args=None, model=model, optimizer=None)):
+            with self.assertRaisesRegex(ValueError, r"while no DeepSpeed ZeRO-3 config was registered.*`Accelerator`"):
+                build()
+        model._expert_parallel_under_zero3 = True  # handed over at load
+        self.assertIs(Engine(args=None, model=model).module, model)
+        dense = torch.nn.Linear(2, 2)
+        self.assertIs(Engine(None, dense).module, dense)

@@ -30,8 +30,9 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
 - The hand-over: `prepare_expert_parallel_model_for_deepspeed` tags the experts as DeepSpeed AutoEP tags its own.
 - Refusals, alike on every rank and before any collective that could hang: DeepSpeed settings
   (`check_expert_parallel_deepspeed_support`), quantized models (`check_expert_parallel_quantization_support`),
-  adapters on expert weights (`_refuse_adapters_on_experts`), and a `Trainer` with DeepSpeed given an expert-parallel
-  model that DeepSpeed does not own (`check_model_handed_over_to_deepspeed`).
+  adapters on expert weights (`_refuse_adapters_on_experts`), and an expert-parallel model that DeepSpeed does not own
+  given to a `Trainer` with DeepSpeed or to `deepspeed.initialize` (`check_model_handed_over_to_deepspeed`, and
+  `deepspeed_refuses_models_not_handed_over` for `Accelerator.prepare` and direct calls).
 - Hub kernels: `kernelize` leaves the layers that run the sharded experts alone
   (`expert_parallel_layers_left_alone_by_kernelize`), other layers are kernelized as usual.
 - Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
@@ -41,12 +42,13 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
 import contextlib
 import functools
 import importlib.metadata
+import inspect
 import os
 import re
 from typing import NamedTuple
 
 from ..utils import is_torch_available, logging
-from .deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+from .deepspeed import deepspeed_config, is_deepspeed_available, is_deepspeed_zero3_enabled
 
 
 if is_torch_available():
@@ -487,19 +489,61 @@ def _refuse_adapters_on_experts(experts, args):
 
 def check_model_handed_over_to_deepspeed(model):
     """
-    Refuse, when a `Trainer` with DeepSpeed is built, a model whose experts transformers sharded at load time but that
-    was not handed over to DeepSpeed ZeRO-3: loaded with `DistributedConfig(ep_size > 1)` before the DeepSpeed config
-    was registered (e.g. before `TrainingArguments(deepspeed=...)` was created), so laid out for FSDP2 instead, which
-    DeepSpeed cannot wrap: the Trainer would build no DeepSpeed engine and fail at the first backward. Decided by what
-    was recorded on the model at load (`is_expert_parallel_under_zero3(model)`), not by the DeepSpeed config now.
+    Refuse a model whose experts transformers sharded at load time but that was not handed over to DeepSpeed ZeRO-3:
+    loaded with `DistributedConfig(ep_size > 1)` before the DeepSpeed config was registered (e.g. before the
+    `Accelerator` or `TrainingArguments(deepspeed=...)` was created), so laid out for FSDP2 instead, which DeepSpeed
+    cannot wrap. Called when a `Trainer` with DeepSpeed is built (it would build no DeepSpeed engine and fail at the
+    first backward) and when a DeepSpeed engine is built on it (`deepspeed_refuses_models_not_handed_over`: it would
+    fail in torch, "Couldn't swap FSDPEmbedding.weight"). Decided by what was recorded on the model at load
+    (`is_expert_parallel_under_zero3(model)`), the same on every rank, so every rank raises, before any collective.
     """
     if getattr(model, "has_ep", False) and not is_expert_parallel_under_zero3(model):
         raise ValueError(
             "This model was loaded with expert parallelism (`DistributedConfig(ep_size > 1)`) while no DeepSpeed "
             "ZeRO-3 config was registered, so it was laid out for FSDP2 rather than handed over to DeepSpeed, which "
-            "cannot take it now. Create the `TrainingArguments(deepspeed=...)` (or, under `accelerate launch` with a "
-            "ZeRO-3 config, the `Accelerator`) before `from_pretrained`, or train without DeepSpeed."
+            "cannot take it now. Register the DeepSpeed config before `from_pretrained`: create the `Accelerator` "
+            "(under `accelerate launch` with a ZeRO-3 config, or with a `DeepSpeedPlugin`), the "
+            "`TrainingArguments(deepspeed=...)` or an `HfDeepSpeedConfig` first; or train without DeepSpeed."
         )
+
+
+def _refuse_models_not_handed_over(engine_class):
+    """
+    Make `engine_class.__init__` (DeepSpeed's engine, built by `deepspeed.initialize`, which `Accelerator.prepare`
+    calls) run `check_model_handed_over_to_deepspeed` on its model first, before it casts, moves or partitions it.
+    Installed once; models that are not expert parallel, or were handed over, pass unchanged.
+    """
+    init = engine_class.__init__
+    if getattr(init, "refuses_models_not_handed_over", False):
+        return
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def init_refusing_models_not_handed_over(engine, *args, **kwargs):
+        check_model_handed_over_to_deepspeed(signature.bind_partial(engine, *args, **kwargs).arguments.get("model"))
+        init(engine, *args, **kwargs)
+
+    init_refusing_models_not_handed_over.refuses_models_not_handed_over = True
+    engine_class.__init__ = init_refusing_models_not_handed_over
+
+
+def deepspeed_refuses_models_not_handed_over():
+    """
+    Called when a model is loaded with expert parallelism while no DeepSpeed ZeRO-3 config is registered (laid out for
+    FSDP2, not handed over): should it later go to `deepspeed.initialize` (directly, or through `Accelerator.prepare`
+    with the model alone or with its optimizer), the engine refuses it on every rank with
+    `check_model_handed_over_to_deepspeed`'s message (`_refuse_models_not_handed_over`) instead of failing deep in
+    torch. The `Trainer` refuses it earlier, when it is built. A no-op without DeepSpeed installed.
+    """
+    if not is_deepspeed_available():
+        return
+    try:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+    except Exception as e:  # noqa: BLE001
+        # Loaded without DeepSpeed: a DeepSpeed that cannot be imported must not fail the load, and builds no engine
+        logger.debug(f"DeepSpeed could not be imported ({e}): its engine is left as it is.")
+        return
+    _refuse_models_not_handed_over(DeepSpeedEngine)
 
 
 def _raise_on_every_rank_if_any_failed(error, action):

@@ -6,7 +6,8 @@ Modes (``--mode``):
 - ``hf_deepspeed_config``: started by ``torchrun``; registers ZeRO-3 in process with ``HfDeepSpeedConfig``.
 - ``plain``: started by ``torchrun`` without DeepSpeed (EP only, or a reference). With ``--deepspeed-after-load`` a
   ZeRO-3 config is registered after the load, by ``TrainingArguments(deepspeed=...)``: the model, laid out for FSDP2,
-  must not be taken for one handed over to DeepSpeed (saved with ``save_pretrained``, refused by the ``Trainer``).
+  must not be taken for one handed over to DeepSpeed (saved with ``save_pretrained``, refused by the ``Trainer``, by
+  ``Accelerator.prepare`` of an ``Accelerator`` created after the load, and by ``deepspeed.initialize``).
 
 The test process compares the returned tensors with the checkpoint: nothing is asserted here, so that a wrong load is
 reported with numbers rather than as a crash.
@@ -112,11 +113,41 @@ def deepspeed_registered_after_load(model, save_dir):
     except Exception as e:
         report["save_error"] = f"{type(e).__name__}: {e}"
     dist.barrier()
+    report["trainer_error"] = error_of(lambda: Trainer(model=model, args=args))
+    report.update(deepspeed_engines_built_after_load(model))
+    return report
+
+
+def error_of(call):
     try:
-        Trainer(model=model, args=args)
-        report["trainer_error"] = None
+        call()
     except Exception as e:
-        report["trainer_error"] = f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def deepspeed_engines_built_after_load(model):
+    """
+    The other ways a DeepSpeed engine is built on the model: an `Accelerator` created after the load, given the model
+    alone or with its optimizer, and `deepspeed.initialize` called directly. Then an engine on a dense module, which
+    the refusal installed in DeepSpeed's engine must let through.
+    """
+    import deepspeed
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()  # with the DeepSpeed plugin of the state the Trainer set up (one per process)
+    config = {
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    report = {
+        "prepare_model_error": error_of(lambda: accelerator.prepare(model)),
+        "prepare_model_optimizer_error": error_of(lambda: accelerator.prepare(model, optimizer)),
+        "initialize_error": error_of(lambda: deepspeed.initialize(model=model, config=config)),
+    }
+    dense = torch.nn.Linear(4, 4)
+    report["dense_initialize_error"] = error_of(lambda: deepspeed.initialize(model=dense, config=config))
+    report["dense_partitioned"] = hasattr(dense.weight, "ds_id")
     return report
 
 
