@@ -51,8 +51,10 @@ def train_reference(checkpoint, global_batches, optimizer_name, lr, clip, chunks
     return losses, {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
-@pytest.mark.multiprocess
-class EPZero3TrainTest(unittest.TestCase):
+class TrainChecks:
+    """Training runs of ep_train.py and their comparison with one process, shared with the stage-1/2 tests
+    (test_ep_zero12.py)."""
+
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero3-train-"))
@@ -67,13 +69,15 @@ class EPZero3TrainTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def run_training(self, checkpoint, entry, optimizer, nproc=2, ep_size=2, steps=5, extra=(), launcher=None):
+    def run_training(self, checkpoint, entry, optimizer, nproc=2, ep_size=2, steps=5, extra=(), launcher=None,
+                     env=None):
         """`launcher`: accelerate launch for the accelerate entry, torchrun for the others, unless named."""
         args = ["--checkpoint", self.checkpoints[checkpoint], "--entry", entry, "--ep-size", ep_size,
                 "--steps", steps, "--optimizer", optimizer, *extra]
         launcher = launcher or ("accelerate" if entry == "accelerate" else "torchrun")
         config = ACCELERATE_ZERO3 if launcher == "accelerate" else None
-        result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT)
+        result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT,
+                        env=env)
         return result.check().results()
 
     def compare_with_reference(self, checkpoint, results, optimizer, ep_size, lr=1e-2, router_aux_loss=False):
@@ -118,12 +122,17 @@ class EPZero3TrainTest(unittest.TestCase):
         return mean_losses, ref_losses
 
     def assert_experts_reduced_within_expert_data_parallel_groups(self, results, ep_size):
+        """Each expert partitioned (and its gradient reduced) over the ranks of its expert-data-parallel group, each
+        dense parameter over all ranks."""
         nproc = len(results)
         for rank, report in results.items():
             edp_group = [r for r in range(nproc) if r % ep_size == rank % ep_size]
             for name, ranks in report["partition_groups"].items():
                 self.assertEqual(ranks, edp_group if is_expert_param(name) else list(range(nproc)), f"{rank}: {name}")
 
+
+@pytest.mark.multiprocess
+class EPZero3TrainTest(TrainChecks, unittest.TestCase):
     @parameterized.expand([("qwen3_moe", "adamw"), ("qwen3_moe", "sgd"), ("mixtral", "adamw"), ("mixtral", "sgd")])
     def test_deepspeed_initialize_matches_single_process(self, checkpoint, optimizer):
         results = self.run_training(checkpoint, "deepspeed", optimizer)

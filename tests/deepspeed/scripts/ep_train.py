@@ -48,7 +48,7 @@ def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--entry", choices=["deepspeed", "accelerate", "trainer"], required=True)
-    parser.add_argument("--ep-size", type=int, required=True)
+    parser.add_argument("--ep-size", type=int, required=True, help="1: loaded without a DistributedConfig")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
@@ -73,6 +73,7 @@ def parse_args():
     parser.add_argument("--also-save-dirs", nargs="*", default=[],
                         help="after training, any entry: save_pretrained on every rank into each (bytes written kept)")
     parser.add_argument("--max-shard-size", default="50GB")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="the ZeRO stage (1, 2: issue 24)")
     parser.add_argument("--bf16", action="store_true",
                         help="deepspeed entry: the model in bf16, DeepSpeed's bf16 training (fp32 master weights)")
     parser.add_argument("--fail-save-after-shards", type=int, default=None)
@@ -138,6 +139,8 @@ def deepspeed_config(args) -> dict:
     # The Trainer writes HF weights into its checkpoints only with the 16-bit gather on, as for any ZeRO-3 model (the
     # ZeRO-3 example of transformers' DeepSpeed docs sets it)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": True}
+    if getattr(args, "stage", 3) != 3:  # issue 24: EP under ZeRO stage 1 or 2 (test_ep_zero12.py)
+        zero = {"stage": args.stage}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
     config = {
@@ -174,8 +177,17 @@ def gathered_state(module) -> dict[str, torch.Tensor]:
     return state
 
 
-def partition_groups(module) -> dict[str, list[int]]:
-    """The ranks each parameter is partitioned (and its gradient reduce-scattered) over."""
+def partition_groups(module, engine=None) -> dict[str, list[int]]:
+    """The ranks each parameter is partitioned (and its gradient reduce-scattered) over: its ZeRO-3 partition group,
+    or at stages 1 and 2 (`engine` given) the group of the optimizer parameter group it is in."""
+    if engine is not None and not engine.zero_optimization_partition_weights():
+        names = {id(param): name for name, param in module.named_parameters()}
+        zero_optimizer = engine.optimizer
+        return {
+            names[id(param)]: dist.get_process_group_ranks(zero_optimizer.real_dp_process_group[i])
+            for i, params in enumerate(zero_optimizer.bit16_groups)
+            for param in params
+        }
     return {
         name: dist.get_process_group_ranks(param.ds_process_group)
         for name, param in module.named_parameters()
@@ -350,7 +362,7 @@ def main():
     from transformers.distributed import DistributedConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size),
+        args.checkpoint, distributed_config=DistributedConfig(ep_size=args.ep_size) if args.ep_size > 1 else None,
         dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     if args.drop_expert_family_tag:
@@ -426,9 +438,9 @@ def main():
         rank=rank(),
         world_size=world_size(),
         backend=dist.get_backend(),
-        ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank(),
+        ep_rank=model._mesh_manager.get_mesh("ep").get_local_rank() if args.ep_size > 1 else 0,
         final=final,
-        partition_groups=partition_groups(module),
+        partition_groups=partition_groups(module, engine if args.entry != "trainer" else None),
         inputs=torch.stack(record["inputs"]),
     )
     dist.barrier()
