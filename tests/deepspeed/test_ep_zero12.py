@@ -141,13 +141,13 @@ class EPZero12PrototypeTest(unittest.TestCase):
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
 
-    def test_gradient_accumulation_2_then_save_pretrained_on_every_rank(self):
+    def test_gradient_accumulation_2_then_save_pretrained_and_save_16bit_model(self):
         """Stage 2, 2 micro batches per step: at parity; `save_pretrained` on every rank writes every expert, and the
-        checkpoint reloads in one process to exactly the trained weights."""
+        checkpoint reloads in one process to exactly the trained weights; so does `engine.save_16bit_model`'s file."""
         from transformers import AutoModelForCausalLM
 
-        saved = self.tmp / "saved-gas2"
-        results = self.run_ranks(2, "--gas", 2, "--save-pretrained", saved)
+        saved, saved_16bit = self.tmp / "saved-gas2", self.tmp / "saved-16bit"
+        results = self.run_ranks(2, "--gas", 2, "--save-pretrained", saved, "--save-16bit", saved_16bit)
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
@@ -158,6 +158,10 @@ class EPZero12PrototypeTest(unittest.TestCase):
         )
         reloaded = dict(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).named_parameters())
         self.assertEqual(max_diff({name: reloaded[name].detach() for name in trained}, trained)[0], 0.0)
+        # `engine.save_16bit_model`: rank 0 writes every expert, gathered (DeepSpeed alone writes its own only)
+        written = torch.load(saved_16bit / "pytorch_model.bin", weights_only=True)
+        self.assertEqual(set(written), set(trained))
+        self.assertEqual(max_diff(written, trained)[0], 0.0)
 
     def test_negative_control_untagged_experts_land_off_the_reference(self):
         results = self.run_ranks(2, "--untag")

@@ -34,6 +34,7 @@ hand-over (`prepare_expert_parallel_model_for_deepspeed`) makes transformers' ex
   `deepspeed_moe.experts.deepspeed_experts.<j>.gate_up_proj` (`experts_presented_one_by_one`), and at load the
   experts DeepSpeed reads back are stacked again (`_stack_experts_back`). Resuming on another number of ranks or EP
   size is refused, on every rank (`check_same_topology`).
+- `engine.save_16bit_model` writes every expert (`_gather_experts_in_16bit_saves`), as under ZeRO-3.
 """
 
 import contextlib
@@ -165,6 +166,48 @@ def _save_experts_in_deepspeed_moe_checkpoints(engine_class):
 
     save_checkpoint.presents_experts_one_by_one = True
     engine_class.save_checkpoint = save_checkpoint
+
+
+def _gather_experts_in_16bit_saves(engine_class):
+    """
+    Make `engine_class.save_16bit_model` (behind accelerate's and users' 16-bit saves) write every expert of a
+    stage-1/2 expert-parallel model: at stages 1 and 2 it writes rank 0's `engine.module_state_dict()`, which holds
+    rank 0's experts only. While it runs, `module_state_dict` gathers the experts across the expert-parallel group
+    onto rank 0 (`gather_expert_parallel_state_dict_under_zero3`, which at stages 1 and 2 only gathers the experts);
+    `save_16bit_model` is a collective (every rank calls it), `module_state_dict` alone is not (DeepSpeed's
+    checkpoints call it on one rank), hence the two wraps. Other models and stage 3 are saved as before. Done once.
+    """
+    save = engine_class.save_16bit_model
+    if getattr(save, "gathers_experts_at_zero12", False):
+        return
+    module_state_dict = engine_class.module_state_dict
+
+    @wraps(save)
+    def save_16bit_model(engine, *args, **kwargs):
+        if expert_parallel_zero_stage(engine.module) not in (1, 2):
+            return save(engine, *args, **kwargs)
+        from .deepspeed_expert_parallel_save import _expert_parallel_models_in
+
+        engine._gathering_experts_for_a_16bit_save = True
+        try:
+            return save(engine, *args, **kwargs)
+        finally:
+            engine._gathering_experts_for_a_16bit_save = False
+            for model in _expert_parallel_models_in(engine.module):
+                # The gather's record for a `save_pretrained(state_dict=...)` that follows: none follows here
+                model._whole_state_dict_sent_to_rank_0 = False
+
+    @wraps(module_state_dict)
+    def module_state_dict_with_every_expert(engine, *args, exclude_frozen_parameters=False, **kwargs):
+        if not vars(engine).get("_gathering_experts_for_a_16bit_save", False):
+            return module_state_dict(engine, *args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        from .deepspeed_expert_parallel_save import gather_expert_parallel_state_dict_under_zero3
+
+        return gather_expert_parallel_state_dict_under_zero3(engine.module, exclude_frozen_parameters)
+
+    save_16bit_model.gathers_experts_at_zero12 = True
+    engine_class.save_16bit_model = save_16bit_model
+    engine_class.module_state_dict = module_state_dict_with_every_expert
 
 
 def check_same_topology(engine, checkpoint_dir: str):
@@ -345,5 +388,6 @@ def hand_over_for_zero_stage_1_or_2(experts_modules, group_name: str):
 
     _split_client_optimizers_for_experts(DeepSpeedEngine)
     _save_experts_in_deepspeed_moe_checkpoints(DeepSpeedEngine)
+    _gather_experts_in_16bit_saves(DeepSpeedEngine)
     for experts in experts_modules:
         mark_experts_as_deepspeed_moe(experts, group_name)

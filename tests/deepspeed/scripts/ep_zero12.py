@@ -33,7 +33,8 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--untag", action="store_true", help="negative control: expert tags removed")
     parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps (micro batches per step)")
-    parser.add_argument("--save-pretrained", default=None, help="research: `save_pretrained` here after training")
+    parser.add_argument("--save-pretrained", default=None, help="`save_pretrained` on every rank here after training")
+    parser.add_argument("--save-16bit", default=None, help="`engine.save_16bit_model` here after training")
     parser.add_argument("--bf16", action="store_true", help="research: DeepSpeed bf16 (fp32 master weights)")
     parser.add_argument("--offload", action="store_true",
                         help="research: offload_optimizer to the CPU, the torch optimizer as given")
@@ -195,6 +196,8 @@ def main():
 
             traceback.print_exc()
             record["save_pretrained"] = f"{type(e).__name__}: {e}"
+    if args.save_16bit:
+        engine.save_16bit_model(args.save_16bit)
     dist.barrier()
     return record
 
