@@ -178,7 +178,7 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
     optimizer file per rank) by `engine.save_checkpoint`, `accelerator.save_state` and the Trainer, and resumed on the
     same topology: right after the load every rank holds exactly the weights and Adam moments the saving run ended
     with, and the resumed run is at parity with one uninterrupted process. Another number of ranks is refused on every
-    rank. Negative control: two experts' files swapped, the load fails on every rank.
+    rank; a ZeRO-3 checkpoint resumes on any. Negative control: two experts' files swapped, the load fails on every rank.
     """
 
     tmp_prefix = "ep-zero12-resume-"
@@ -241,6 +241,16 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
         for rank, report in refused.items():
             self.assertRegex(report.get("resume_error", ""), "NotImplementedError: .*written on 2 ranks, not 4.*"
                              "same number of ranks and EP size", f"rank {rank}")
+
+    def test_zero3_checkpoint_resumes_at_stage_2_on_another_topology(self):
+        """A ZeRO-3 checkpoint (2 ranks, EP 2) resumed at stage 2 on 4 ranks (EP 2 x expert-data-parallel 2) with
+        `engine.load_checkpoint`: loaded as whole tensors, exactly, then at parity."""
+        saved = self.hop("z3-hop0", 2, 2)
+        final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
+        resumed = self.zero12_hop("z3-to-s2-4ranks", 2, nproc=4, resume_from="z3-hop0", first_step=STEPS_PER_HOP,
+                                  extra=["--resume-with", "deepspeed"])
+        self.assert_loaded_exactly(resumed, 2, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
 
     def test_accelerate_save_state_resumes_under_the_yaml_accelerate_config_writes(self):
         """Stage 1 under `accelerate launch` with the yaml `accelerate config` writes (`zero_stage: 1`, offload

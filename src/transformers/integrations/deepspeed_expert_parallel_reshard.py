@@ -47,9 +47,11 @@ from typing import NamedTuple
 from ..utils import is_torch_available, logging
 from .deepspeed_expert_parallel import errors_raised_on_every_rank, offload_device
 from .deepspeed_expert_parallel_zero12 import (
-    check_same_topology,
     expert_parallel_zero_stage,
     link_optimizer_state_of_every_group,
+    load_whole_tensors,
+    other_topology_error,
+    topology_problem,
 )
 
 
@@ -267,7 +269,7 @@ def _whole_for_this_rank(saved: SavedZero3Checkpoint, name: str, param, key: str
     """The tensor `param` stands for on this rank: the whole parameter, or for an expert, this rank's experts."""
     whole = saved.whole_tensor(name, key)
     layout = getattr(param, "expert_shard_layout", None)
-    expected = tuple(layout.global_shape) if layout is not None else tuple(param.ds_shape)
+    expected = tuple(layout.global_shape) if layout is not None else tuple(getattr(param, "ds_shape", param.shape))
     if tuple(whole.shape) != expected:
         raise ValueError(
             f"`{name}` has the shape {tuple(whole.shape)} in {saved.checkpoint_dir} and {expected} in this model: not "
@@ -617,7 +619,8 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
         if load_module_only or custom_load_fn is not None or not _expert_parallel_models_in(engine.module):
             return deepspeeds_own()
         if expert_parallel_zero_stage(engine.module) in (1, 2):
-            return _load_zero12_checkpoint_of_this_topology(engine, load_dir, tag, load_optimizer_states, deepspeeds_own)
+            return _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
+                                           deepspeeds_own)
         try:
             checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
         except FileNotFoundError:
@@ -633,12 +636,13 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
     engine_class.load_checkpoint = load_checkpoint_on_any_topology
 
 
-def _load_zero12_checkpoint_of_this_topology(engine, load_dir, tag, load_optimizer_states, deepspeeds_own):
+def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states, deepspeeds_own):
     """
     An expert-parallel engine under ZeRO stage 1 or 2: DeepSpeed's loader (the experts from DeepSpeed's per-expert
-    files, see `deepspeed_expert_parallel_zero12`) once every rank found the checkpoint written on this topology
-    (`check_same_topology`, which refuses others on every rank), its errors raised on every rank; then the optimizer
-    state of every group linked to the parameters again, which DeepSpeed's load unlinks.
+    files, see `deepspeed_expert_parallel_zero12`) when every rank found the checkpoint written on this topology
+    (`topology_problem`), its errors raised on every rank, then the optimizer state of every group linked to the
+    parameters again, which DeepSpeed's load unlinks. A ZeRO-3 checkpoint of any topology is loaded as whole tensors
+    (`load_whole_tensors`); a stage-1/2 one of another topology is refused on every rank.
     """
     import torch.distributed as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -649,8 +653,19 @@ def _load_zero12_checkpoint_of_this_topology(engine, load_dir, tag, load_optimiz
         checkpoint_dir = None
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, checkpoint_dir is not None)
-    if all(found):
-        check_same_topology(engine, checkpoint_dir)
+    problem = topology_problem(engine, checkpoint_dir) if all(found) else None
+    if problem is not None:
+        zero3 = [None] * dist.get_world_size()
+        dist.all_gather_object(zero3, bool(_checkpoint_files(checkpoint_dir, "model")))
+        if not all(zero3):
+            raise other_topology_error(engine, checkpoint_dir, problem)
+        client_state = None
+        with errors_raised_on_every_rank("Loading the ZeRO-3 checkpoint"):
+            saved = SavedZero3Checkpoint(checkpoint_dir)
+            logger.info(f"{checkpoint_dir} is a ZeRO-3 checkpoint ({saved.topology()}): loading it as whole tensors.")
+            load_whole_tensors(engine, saved, load_optimizer_states, load_lr_scheduler_states)
+            client_state = saved.client_state()
+        return checkpoint_dir, client_state
     result = None
     # Each rank reads its own experts' files: one that fails (a missing or foreign file) must not leave the others
     # waiting in their first collective after the load

@@ -33,7 +33,8 @@ hand-over (`prepare_expert_parallel_model_for_deepspeed`) makes transformers' ex
   modules hold them stacked (`gate_up_proj[E/P, ...]`): while DeepSpeed saves, their state dict shows expert `j` as
   `deepspeed_moe.experts.deepspeed_experts.<j>.gate_up_proj` (`experts_presented_one_by_one`), and at load the
   experts DeepSpeed reads back are stacked again (`_stack_experts_back`). Resuming on another number of ranks or EP
-  size is refused, on every rank (`check_same_topology`).
+  size is refused, on every rank (`topology_problem`); a ZeRO-3 checkpoint of any topology is loaded as whole tensors
+  (`load_whole_tensors`).
 - `engine.save_16bit_model` writes every expert (`_gather_experts_in_16bit_saves`), as under ZeRO-3.
 """
 
@@ -210,14 +211,15 @@ def _gather_experts_in_16bit_saves(engine_class):
     engine_class.module_state_dict = module_state_dict_with_every_expert
 
 
-def check_same_topology(engine, checkpoint_dir: str):
+def topology_problem(engine, checkpoint_dir: str) -> str | None:
     """
-    Refuse, on every rank and with what to do instead, a DeepSpeed checkpoint that a stage-1/2 expert-parallel engine
-    cannot resume from: one written under ZeRO-3, or on another number of ranks or EP size (DeepSpeed's loader checks
-    neither the EP size nor the stage, and would load the optimizer's flat partitions of another layout). The saved
-    `mp_rank_00_model_states.pt` (stage 1/2) holds the data-parallel world size and the shapes of rank 0's parameters
-    in each optimizer group, which every rank compares with its own (the experts' shapes are E/P on every rank). A
-    collective: the ranks agree before any of them raises.
+    Why a stage-1/2 expert-parallel engine cannot resume from the DeepSpeed checkpoint in `checkpoint_dir` with
+    DeepSpeed's own loader, None when it can: one written under ZeRO-3, or on another number of ranks or EP size
+    (DeepSpeed's loader checks neither the EP size nor the stage, and would load the optimizer's flat partitions of
+    another layout). The saved `mp_rank_00_model_states.pt` (stage 1/2) holds the data-parallel world size and the
+    shapes of rank 0's parameters in each optimizer group, which every rank compares with its own (the experts' shapes
+    are E/P on every rank). A collective: the ranks agree on the answer; a rank that cannot read the file raises on
+    every rank.
     """
     import torch.distributed as dist
 
@@ -240,14 +242,91 @@ def check_same_topology(engine, checkpoint_dir: str):
                 problem = "its parameters have other shapes or groups (another EP size, model or optimizer)"
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
-    problem = next((p for p in problems if p is not None), None)
-    if problem is not None:
-        raise NotImplementedError(
-            f"Cannot resume the expert-parallel model under ZeRO stage {expert_parallel_zero_stage(engine.module)} "
-            f"from {checkpoint_dir}: {problem}. Under ZeRO stages 1 and 2 a DeepSpeed checkpoint resumes on the same "
-            "number of ranks and EP size it was written on; to go on elsewhere, save the model with `save_pretrained` "
-            "and load it there (the optimizer state starts anew)."
+    return next((p for p in problems if p is not None), None)
+
+
+def other_topology_error(engine, checkpoint_dir: str, problem: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"Cannot resume the expert-parallel model under ZeRO stage {expert_parallel_zero_stage(engine.module)} from "
+        f"{checkpoint_dir}: {problem}. Under ZeRO stages 1 and 2 a DeepSpeed checkpoint of stage 1 or 2 resumes on "
+        "the same number of ranks and EP size it was written on, and one of ZeRO-3 on any; to go on elsewhere, save "
+        "the model with `save_pretrained` and load it there (the optimizer state starts anew)."
+    )
+
+
+def _create_adam_states(zero_optimizer):
+    """Adam's states of each flat fp32 partition, zero, where the torch optimizer has none yet (it creates them at
+    its first step: an engine that has not stepped has none to load a checkpoint's into). As torch creates them."""
+    optimizer = zero_optimizer.optimizer
+    for flat in zero_optimizer.single_partition_of_fp32_groups:
+        if not optimizer.state.get(flat):
+            optimizer.state[flat] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+            optimizer.state[flat].update({key: torch.zeros_like(flat) for key in ("exp_avg", "exp_avg_sq")})
+
+
+def _load_optimizer_step_and_hyperparameters(zero_optimizer, saved):
+    """The step count of every flat partition (Adam's bias correction), and lr, betas, ... of the param groups: group
+    by group when the checkpoint has as many groups, else the one setting all of its groups share (a ZeRO-3 run keeps
+    the experts in the groups they came from, stages 1 and 2 split them into MoE groups of the same settings)."""
+    optimizer = zero_optimizer.optimizer
+    step = saved.step
+    if step is not None:
+        for flat in zero_optimizer.single_partition_of_fp32_groups:
+            state = optimizer.state[flat]
+            state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state["step"]) else step
+    own_keys = {"params", "name", "moe"}
+    saved_groups = [{k: v for k, v in g.items() if k not in own_keys} for g in saved.optimizer_hyperparameters()]
+    if len(saved_groups) == len(optimizer.param_groups):
+        for group, saved_group in zip(optimizer.param_groups, saved_groups):
+            group.update(saved_group)
+    elif all(group == saved_groups[0] for group in saved_groups):
+        for group in optimizer.param_groups:
+            group.update(saved_groups[0])
+    else:
+        raise ValueError(
+            f"{saved.checkpoint_dir} has {len(saved_groups)} optimizer param groups of different settings, this "
+            f"optimizer {len(optimizer.param_groups)}: build the optimizer with the same param groups as the run that "
+            "saved it."
         )
+
+
+def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True):
+    """
+    Load a checkpoint read as whole tensors (`saved`: `SavedZero3Checkpoint`, any number of ranks and EP size) into a
+    stage-1/2 engine of an expert-parallel model: each trained parameter (this rank's experts of an expert tensor, a
+    dense one whole) from the checkpoint's fp32 master weights, into the model and the fp32 master partition this rank
+    holds; with `load_optimizer_states`, Adam's moments, its step count and hyperparameters; the engine's counters and
+    with `load_lr_scheduler_states` DeepSpeed's scheduler. Through DeepSpeed's public `safe_set_full_*` setters, which
+    at stages 1 and 2 write this rank's fragment of the value. Every rank must call it.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from .deepspeed_expert_parallel_reshard import (
+        MOMENT_KEYS,
+        _check_same_parameters,
+        _load_engine_counters,
+        _trained_parameters,
+        _whole_for_this_rank,
+    )
+
+    zero_optimizer = engine.optimizer
+    if load_optimizer_states:
+        _create_adam_states(zero_optimizer)
+        link_optimizer_state_of_every_group(zero_optimizer)
+    params = _trained_parameters(engine)
+    _check_same_parameters(saved, params)
+    with torch.no_grad():
+        for name, param in params.items():
+            weight = _whole_for_this_rank(saved, name, param, "fp32")
+            param.data.copy_(weight.view_as(param))
+            # The fp32 master too, or the next step would write the master the engine started from back into the model
+            safe_set_full_fp32_param(param, weight)
+            if load_optimizer_states:
+                for key in MOMENT_KEYS:
+                    safe_set_full_optimizer_state(param, _whole_for_this_rank(saved, name, param, key), key)
+    if load_optimizer_states:
+        _load_optimizer_step_and_hyperparameters(zero_optimizer, saved)
+    _load_engine_counters(engine, saved, load_lr_scheduler_states)
 
 
 def split_optimizer_param_groups_for_experts(optimizer):
