@@ -33,6 +33,8 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
   adapters on expert weights (`_refuse_adapters_on_experts`), and an expert-parallel model that DeepSpeed does not own
   given to a `Trainer` with DeepSpeed or to `deepspeed.initialize` (`check_model_handed_over_to_deepspeed`, and
   `deepspeed_refuses_models_not_handed_over` for `Accelerator.prepare` and direct calls).
+- ZeRO stages 1 and 2 (opt-in, `EP_ZERO12_PROTOTYPE_ENV`): the same load and hand-over, then the experts modules are
+  made DeepSpeed MoE layers (`deepspeed_expert_parallel_zero12`).
 - Hub kernels: `kernelize` leaves the layers that run the sharded experts alone
   (`expert_parallel_layers_left_alone_by_kernelize`), other layers are kernelized as usual.
 - Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
@@ -89,9 +91,10 @@ def check_deepspeed_version_is_tested():
     )
 
 
-# Prototype (issue 24): expert parallelism under ZeRO stages 1 and 2, opt-in while it is built out. Without this set to
-# 1, stages 1 and 2 are refused as before (`check_expert_parallel_deepspeed_support`). See
-# docs/research/deepspeed-ep-zero12.md for what it covers and what remains.
+# Expert parallelism under ZeRO stages 1 and 2 (issue 24, `deepspeed_expert_parallel_zero12`), opt-in while its
+# contracts are completed. Without this set to 1, stages 1 and 2 are refused
+# (`check_expert_parallel_deepspeed_support`).
+# See docs/ep_deepspeed.md ("ZeRO stages 1 and 2") for what it covers and docs/research/deepspeed-ep-zero12.md.
 EP_ZERO12_PROTOTYPE_ENV = "TRANSFORMERS_EP_ZERO12_PROTOTYPE"
 
 
@@ -116,7 +119,9 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     it is created on the meta device instead of under `deepspeed.zero.Init` (which would partition every parameter,
     experts included, over all ranks), and each rank reads only its own shard through the standard loader, weight
     conversions included. DeepSpeed takes over the loaded model afterwards. Models without expert parallelism keep the
-    ZeRO-3 path.
+    ZeRO-3 path. Under ZeRO stages 1 and 2, when they are switched on (`EP_ZERO12_PROTOTYPE_ENV`), expert-parallel
+    models take the same load path and hand-over (the stage recorded on the model, `_expert_parallel_zero_stage`,
+    selects what differs: `deepspeed_expert_parallel_zero12`): the name predates them.
 
     Args:
         model_or_distributed_config (`PreTrainedModel`, `DistributedConfig` or `None`):
@@ -130,7 +135,6 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     if model_or_distributed_config is None:
         return False
     if isinstance(model_or_distributed_config, DistributedConfig):
-        # Prototype: stages 1 and 2 take the same load path and hand-over
         under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_prototype_enabled()
         return under_deepspeed and model_or_distributed_config.ep_size > 1
     return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
@@ -230,7 +234,9 @@ def check_expert_parallel_deepspeed_support(distributed_config):
     prefix = "Expert parallelism (`DistributedConfig(ep_size > 1)`) under DeepSpeed"
     if not is_deepspeed_zero3_enabled() and not is_expert_parallel_zero12_prototype_enabled():
         raise NotImplementedError(
-            f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}."
+            f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}. "
+            f"Stages 1 and 2 are opt-in while they are completed: set {EP_ZERO12_PROTOTYPE_ENV}=1 to use them "
+            "(docs/ep_deepspeed.md, \"ZeRO stages 1 and 2\")."
         )
     unsupported = []
     if distributed_config.tp_size > 1:
