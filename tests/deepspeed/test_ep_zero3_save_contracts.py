@@ -16,6 +16,8 @@ single-process PEFT run, and `trainer.save_model` writes the adapter's real valu
 base; LoRA on the experts (`target_parameters`) is refused on every rank before any step. Saving into a directory that
 is the root of a mounted volume works (every configuration's launch saves there when the test may mount a tmpfs).
 
+The same at ZeRO stage 2 (EP opt-in, issue 24), 2 ranks, Qwen3-MoE, beside its plain ZeRO-2 twin.
+
 One launch does every save of a configuration (each launch costs 25-40 s here); the tests of its paths share it.
 """
 
@@ -41,6 +43,9 @@ from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkp
 
 SCRIPT = Path(__file__).parent / "scripts" / "ep_save_contracts.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
+ACCELERATE_CONFIGS = {3: ACCELERATE_ZERO3, 2: CONFIG_DIR / "accelerate_deepspeed_zero2.yaml"}
+# EP under ZeRO stages 1 and 2 is opt-in (issue 24)
+ZERO12_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 LR, STEPS = 1e-3, 3
 TIMEOUT = {2: 180, 4: 360}  # seconds per launch; a healthy 2-rank launch takes 25-40 s here
 # One launch per configuration, in this order. `get_state_dict` last: before the fix its save leaves the ranks out
@@ -62,6 +67,8 @@ GATHER_PATHS = ("save_16bit_model", "save_model", "save_pretrained", "get_state_
 TWO_RANKS = [("qwen3_moe", 2, 2), ("qwen3_moe", 2, 1), ("mixtral", 2, 2), ("mixtral", 2, 1)]
 FOUR_RANKS = [("qwen3_moe", 4, 2), ("qwen3_moe", 4, 1), ("mixtral", 4, 2), ("mixtral", 4, 1)]
 PEFT_FAST = [("qwen3_moe", 2, 2), ("qwen3_moe", 2, 1)]
+# At ZeRO stage 2: EP 2 and its plain ZeRO-2 twin, every save path in one launch each
+ZERO2 = [("qwen3_moe", 2, 2), ("qwen3_moe", 2, 1)]
 PEFT_SLOW = [("mixtral", 2, 2), ("mixtral", 2, 1), ("qwen3_moe", 4, 2), ("qwen3_moe", 4, 1)]
 
 
@@ -93,6 +100,7 @@ class Run:
     nproc: int
     ep_size: int
     mounted: dict  # save path -> None where its directory was the root of a mounted volume, else why it was not
+    stage: int = 3  # the ZeRO stage
     reference: object = None
     _results: dict | None = None
 
@@ -161,14 +169,16 @@ class EPZero3SaveContractsTest(unittest.TestCase):
 
     # ----- launches and references
 
-    def launch_saves(self, family, nproc, ep_size, paths=SAVE_PATHS, extra=()) -> Run:
-        """Train and save under `accelerate launch`, once per configuration: its tests share the launch. The saves
-        of the configurations in `MOUNTED` go into the roots of tmpfs volumes mounted for them (where the test may
-        mount; unmounted by `tearDownClass`)."""
-        key = (family, nproc, ep_size, tuple(paths), tuple(extra))
+    def launch_saves(self, family, nproc, ep_size, paths=SAVE_PATHS, extra=(), stage=3) -> Run:
+        """Train and save under `accelerate launch` (docs/configs' config of ZeRO `stage` 3 or 2), once per
+        configuration: its tests share the launch. The saves of the configurations in `MOUNTED` go into the roots of
+        tmpfs volumes mounted for them (where the test may mount; unmounted by `tearDownClass`)."""
+        key = (family, nproc, ep_size, tuple(paths), tuple(extra)) + ((stage,) if stage != 3 else ())
         if key in self.runs:
             return self.runs[key]
         out = self.tmp / "-".join(map(str, [family, nproc, ep_size, *(e.strip("-") for e in extra)]))
+        if stage != 3:
+            out = out.with_name(f"{out.name}-zero{stage}")
         mounted = {}
         for path in MOUNTED.get(key, ()):
             mounted[path] = mount_tmpfs(out / path)  # None once mounted, else why not
@@ -177,11 +187,11 @@ class EPZero3SaveContractsTest(unittest.TestCase):
         paths = [path for path in mounted if path not in paths] + list(paths)
         args = ["--checkpoint", self.checkpoints[family], "--ep-size", ep_size, "--steps", STEPS, "--lr", LR,
                 "--out", out, "--paths", *paths, *extra]
-        result = launch(SCRIPT, args, nproc=nproc, launcher="accelerate", accelerate_config=ACCELERATE_ZERO3,
-                        timeout=TIMEOUT[nproc])
-        print(f"launch of {family}, {nproc} ranks, EP {ep_size}, {' '.join(paths)} {' '.join(extra)}: "
+        result = launch(SCRIPT, args, nproc=nproc, launcher="accelerate", accelerate_config=ACCELERATE_CONFIGS[stage],
+                        timeout=TIMEOUT[nproc], env=ZERO12_ENV if stage != 3 else None)
+        print(f"launch of {family}, {nproc} ranks, EP {ep_size}, ZeRO-{stage}, {' '.join(paths)} {' '.join(extra)}: "
               f"{result.elapsed:.1f} s")
-        self.runs[key] = Run(result, out, family, nproc, ep_size, mounted)
+        self.runs[key] = Run(result, out, family, nproc, ep_size, mounted, stage)
         return self.runs[key]
 
     def single_process_shapes(self, family) -> dict[str, tuple]:
@@ -266,9 +276,11 @@ class EPZero3SaveContractsTest(unittest.TestCase):
     def check_save_16bit_model(self, run: Run):
         results = self.path_results(run, "save_16bit_model")
         self.assertIs(results[0]["save_16bit_model_returned"], True, "save_16bit_model did not save")
-        self.assert_matches(results[0]["consolidated"], run, "rank 0's engine._zero3_consolidated_16bit_state_dict()")
-        for r in range(1, run.nproc):
-            self.assertIs(results[r].get("consolidated"), True, f"rank {r}: the consolidated state dict is not None")
+        if run.stage == 3:  # ZeRO-3's consolidation, behind the save
+            self.assert_matches(results[0]["consolidated"], run,
+                                "rank 0's engine._zero3_consolidated_16bit_state_dict()")
+            for r in range(1, run.nproc):
+                self.assertIs(results[r].get("consolidated"), True, f"rank {r}: a consolidated state dict, not None")
         saved = torch.load(run.out / "save_16bit_model" / "pytorch_model.bin", weights_only=True)
         self.assert_matches(saved, run, "engine.save_16bit_model's pytorch_model.bin")
         from transformers import AutoModelForCausalLM
@@ -335,6 +347,20 @@ class EPZero3SaveContractsTest(unittest.TestCase):
         diff, worst = max_diff(reference.trained, reference.weights)
         self.assertLessEqual(diff, reference.tolerance, f"trained weights off by {diff} at {worst}")
         self.assertLess(diff, LR / 10, "off by a whole update: a stale or misplaced expert")
+
+    # ----- accelerate and DeepSpeed saves at ZeRO stage 2 (issue 24): every path of one launch per configuration
+
+    @parameterized.expand(ZERO2, name_func=config_name)
+    def test_zero2_trains_at_parity_and_keeps_every_save_contract(self, family, nproc, ep_size):
+        """`get_state_dict` + `save_pretrained(state_dict=...)`, `accelerator.save_model` and `engine.save_16bit_model`
+        write every expert (gathered onto rank 0); `save_state` / `load_state` restore every rank; with EP also
+        `save_pretrained` on every rank. The plain ZeRO-2 twin the same."""
+        paths = SAVE_PATHS + (("save_pretrained",) if ep_size > 1 else ())
+        run = self.launch_saves(family, nproc, ep_size, paths=paths, stage=2)
+        self.check_training(run)
+        for path in paths:
+            with self.subTest(path=path):
+                self.CHECKS[path](self, run)
 
     # ----- accelerate and DeepSpeed saves: 2 ranks
 

@@ -429,7 +429,7 @@ def prepare_expert_parallel_model_for_deepspeed(model):
     else:
         from .deepspeed_expert_parallel_zero12 import hand_over_for_zero_stage_1_or_2
 
-        hand_over_for_zero_stage_1_or_2(experts_modules, group_name)
+        hand_over_for_zero_stage_1_or_2(model, experts_modules, group_name)
 
 
 def check_deepspeed_placement(model):

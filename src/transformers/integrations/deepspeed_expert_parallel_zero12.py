@@ -35,13 +35,15 @@ hand-over (`prepare_expert_parallel_model_for_deepspeed`) makes transformers' ex
   experts DeepSpeed reads back are stacked again (`_stack_experts_back`). Resuming on another number of ranks or EP
   size is refused, on every rank (`topology_problem`); a ZeRO-3 checkpoint of any topology is loaded as whole tensors
   (`load_whole_tensors`).
-- `engine.save_16bit_model` writes every expert (`_gather_experts_in_16bit_saves`), as under ZeRO-3.
+- `engine.save_16bit_model` writes every expert (`_gather_experts_in_16bit_saves`), and so do accelerate's
+  `get_state_dict` and `save_model` (`_gather_experts_in_accelerates_state_dict`), as under ZeRO-3.
 """
 
 import contextlib
 import functools
 import inspect
 import os
+import weakref
 from functools import wraps
 
 from ..utils import is_torch_available, logging
@@ -55,6 +57,8 @@ logger = logging.get_logger(__name__)
 
 # The module-relative prefix of expert `j`'s parameters in DeepSpeed's MoE checkpoints (its `MoE` layer's layout)
 DEEPSPEED_EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+# The expert-parallel models handed over for stage 1 or 2 (`hand_over_for_zero_stage_1_or_2`)
+_HANDED_OVER_MODELS = weakref.WeakSet()
 
 
 def expert_parallel_zero_stage(module) -> int | None:
@@ -209,6 +213,59 @@ def _gather_experts_in_16bit_saves(engine_class):
     save_16bit_model.gathers_experts_at_zero12 = True
     engine_class.save_16bit_model = save_16bit_model
     engine_class.module_state_dict = module_state_dict_with_every_expert
+
+
+def _model_whose_state_dict(item):
+    """
+    The stage-1/2 expert-parallel model `item` is the `state_dict()` of, and the prefix of its keys there (a wrapper's
+    state dict, e.g. PEFT's, prefixes them), or `(None, None)`: told by an expert parameter's storage, which a state
+    dict shares with the model.
+    """
+    if not isinstance(item, dict):
+        return None, None
+    by_storage = {
+        value.data_ptr(): key for key, value in item.items() if torch.is_tensor(value) and value.numel() > 0
+    }
+    for model in list(_HANDED_OVER_MODELS):
+        for name, param in model.named_parameters():
+            if hasattr(param, "expert_shard_layout") and param.data_ptr() in by_storage:
+                key = by_storage[param.data_ptr()]
+                if key.endswith(name):
+                    return model, key[: len(key) - len(name)]
+    return None, None
+
+
+def _gather_experts_in_accelerates_state_dict():
+    """
+    accelerate's `get_state_dict` (behind `accelerator.save_model` and its documented
+    `save_pretrained(dir, state_dict=accelerator.get_state_dict(model))`) returns at ZeRO stages 1 and 2
+    `clone_tensors_for_torch_save(model.state_dict())`: one rank's experts only. It imports DeepSpeed's
+    `clone_tensors_for_torch_save` when it runs (DeepSpeed's own modules bound it at import), so the fork wraps that
+    function: given the state dict of a stage-1/2 expert-parallel model, it gathers every expert onto rank 0
+    (`gather_expert_parallel_state_dict_under_zero3`, a collective: accelerate's `get_state_dict` runs on every rank,
+    as it must under ZeRO-3) and returns it there, None on the other ranks (which accelerate's `save_model` and the
+    fork's `save_pretrained` expect, as under ZeRO-3). Anything else is cloned as DeepSpeed does. Done once.
+    """
+    import deepspeed.checkpoint.utils as checkpoint_utils
+
+    clone = checkpoint_utils.clone_tensors_for_torch_save
+    if getattr(clone, "gathers_expert_parallel_models", False):
+        return
+
+    @wraps(clone)
+    def clone_tensors_for_torch_save(item, *args, **kwargs):
+        from .deepspeed_expert_parallel_save import gather_expert_parallel_state_dict_under_zero3
+
+        model, prefix = _model_whose_state_dict(item)
+        if model is None:
+            return clone(item, *args, **kwargs)
+        gathered = gather_expert_parallel_state_dict_under_zero3(model)
+        if gathered is None:
+            return None
+        return {prefix + key: value for key, value in gathered.items()}
+
+    clone_tensors_for_torch_save.gathers_expert_parallel_models = True
+    checkpoint_utils.clone_tensors_for_torch_save = clone_tensors_for_torch_save
 
 
 def topology_problem(engine, checkpoint_dir: str) -> str | None:
@@ -457,16 +514,18 @@ def _split_client_optimizers_for_experts(engine_class):
     engine_class._configure_optimizer = configure_optimizer
 
 
-def hand_over_for_zero_stage_1_or_2(experts_modules, group_name: str):
+def hand_over_for_zero_stage_1_or_2(model, experts_modules, group_name: str):
     """
-    The stage-1/2 part of the hand-over (`prepare_expert_parallel_model_for_deepspeed`): each experts module marked as
-    a DeepSpeed MoE layer of `group_name`, and `deepspeed.initialize` / `save_checkpoint` made to treat such models as
-    described in this module's docstring (installed once).
+    The stage-1/2 part of the hand-over (`prepare_expert_parallel_model_for_deepspeed`): each experts module of `model`
+    marked as a DeepSpeed MoE layer of `group_name`, and `deepspeed.initialize`, DeepSpeed's saves and accelerate's
+    `get_state_dict` made to treat such models as described in this module's docstring (installed once).
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     _split_client_optimizers_for_experts(DeepSpeedEngine)
     _save_experts_in_deepspeed_moe_checkpoints(DeepSpeedEngine)
     _gather_experts_in_16bit_saves(DeepSpeedEngine)
+    _gather_experts_in_accelerates_state_dict()
     for experts in experts_modules:
         mark_experts_as_deepspeed_moe(experts, group_name)
+    _HANDED_OVER_MODELS.add(model)

@@ -1,7 +1,8 @@
 """Rank side of the save-contract tests: train a tiny MoE under DeepSpeed ZeRO-3 (with EP, or without: the plain
 ZeRO-3 twin), then save it the ways accelerate, DeepSpeed and PEFT document, and report what each rank saw.
 
-Default mode (``accelerate launch`` with docs/configs' ZeRO-3 config: persistence threshold 0, 16-bit gather on save):
+Default mode (``accelerate launch`` with docs/configs' ZeRO-3 config: persistence threshold 0, 16-bit gather on save;
+or its ZeRO-2 config, issue 24):
 ``accelerator.prepare`` and ``--steps`` AdamW steps (``ep_train.train_accelerate``), then each save of ``--paths``,
 in the order given, into ``<--out>/<path>``:
 - ``save_16bit_model``: ``engine.save_16bit_model(dir, "pytorch_model.bin")``, and ``engine._zero3_consolidated_16bit_
@@ -158,8 +159,9 @@ def one_more_step(args, accelerator, engine, step):
 def save(path, args, accelerator, engine, directory, record):
     unwrapped = accelerator.unwrap_model(engine)
     if path == "save_16bit_model":
-        consolidated = engine._zero3_consolidated_16bit_state_dict()
-        record["consolidated"] = consolidated if rank() == 0 else consolidated is None
+        if engine.zero_optimization_partition_weights():  # ZeRO-3's consolidation (stages 1, 2: the module's state)
+            consolidated = engine._zero3_consolidated_16bit_state_dict()
+            record["consolidated"] = consolidated if rank() == 0 else consolidated is None
         record["save_16bit_model_returned"] = engine.save_16bit_model(str(directory), "pytorch_model.bin")
     elif path == "save_model":
         accelerator.save_model(engine, str(directory))
