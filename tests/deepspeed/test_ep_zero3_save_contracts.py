@@ -428,19 +428,20 @@ class EPZero3SaveContractsTest(unittest.TestCase):
 
     # ----- PEFT
 
-    def launch_peft(self, family, nproc, ep_size, *extra) -> tuple[LaunchResult, Path]:
-        out = self.tmp / "-".join(map(str, ["peft", family, nproc, ep_size, *(e.strip("-") for e in extra)]))
+    def launch_peft(self, family, nproc, ep_size, *extra, stage=3) -> tuple[LaunchResult, Path]:
+        out = self.tmp / "-".join(map(str, ["peft", family, nproc, ep_size, stage, *(e.strip("-") for e in extra)]))
         args = ["--checkpoint", self.checkpoints[family], "--ep-size", ep_size, "--steps", STEPS, "--lr", LR,
-                "--out", out, "--peft", *extra]
-        return launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT[nproc]), out
+                "--out", out, "--peft", "--stage", stage, *extra]
+        env = ZERO12_ENV if stage != 3 else None
+        return launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT[nproc], env=env), out
 
-    def check_peft(self, family, nproc, ep_size):
+    def check_peft(self, family, nproc, ep_size, stage=3):
         from peft import PeftModel
         from safetensors.torch import load_file
 
         from transformers import AutoModelForCausalLM
 
-        result, out = self.launch_peft(family, nproc, ep_size)
+        result, out = self.launch_peft(family, nproc, ep_size, stage=stage)
         results = result.check().results()
         self.assertEqual([len(results[r]["losses"]) for r in range(nproc)], [STEPS] * nproc)
         initial = assemble_experts(results, "initial", ep_size)
@@ -493,6 +494,10 @@ class EPZero3SaveContractsTest(unittest.TestCase):
     @pytest.mark.slow
     def test_peft_lora_trains_at_parity_and_trainer_saves_the_adapter_slow(self, family, nproc, ep_size):
         self.check_peft(family, nproc, ep_size)
+
+    def test_peft_lora_at_zero2_trains_at_parity_and_trainer_saves_the_adapter(self):
+        """The same at ZeRO stage 2 with EP 2 (issue 24): the experts frozen, the optimizer dense."""
+        self.check_peft("qwen3_moe", 2, 2, stage=2)
 
     def test_lora_on_experts_is_refused_on_every_rank_before_training(self):
         result, _ = self.launch_peft("qwen3_moe", 2, 2, "--lora-experts")

@@ -70,6 +70,8 @@ def parse_args():
     parser.add_argument("--peft", action="store_true",
                         help="LoRA on q_proj, v_proj, trained by the Trainer (torchrun)")
     parser.add_argument("--lora-experts", action="store_true", help="--peft with LoRA on the experts' weights")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=3,
+                        help="--peft: the ZeRO stage (the accelerate mode's stage is its launch config's)")
     parser.add_argument("--sync-timeout", type=float, default=45.0,
                         help="seconds a rank waits for the others after a path before declaring them stuck")
     args = parser.parse_args()
