@@ -143,11 +143,12 @@ class EPZero12PrototypeTest(unittest.TestCase):
 
     def test_gradient_accumulation_2_then_save_pretrained_and_save_16bit_model(self):
         """Stage 2, 2 micro batches per step: at parity; `save_pretrained` on every rank writes every expert, and the
-        checkpoint reloads in one process to exactly the trained weights; so does `engine.save_16bit_model`'s file."""
+        checkpoint reloads in one process to exactly the trained weights; so does `engine.save_16bit_model`'s file.
+        Greedy `generate` on every rank equals one process's on the trained weights."""
         from transformers import AutoModelForCausalLM
 
         saved, saved_16bit = self.tmp / "saved-gas2", self.tmp / "saved-16bit"
-        results = self.run_ranks(2, "--gas", 2, "--save-pretrained", saved, "--save-16bit", saved_16bit)
+        results = self.run_ranks(2, "--gas", 2, "--save-pretrained", saved, "--save-16bit", saved_16bit, "--generate")
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
@@ -156,8 +157,20 @@ class EPZero12PrototypeTest(unittest.TestCase):
             {r: {"ep_rank": report["ep_rank"], "final": report["final"]["param"]} for r, report in results.items()},
             "final", 2,
         )
-        reloaded = dict(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).named_parameters())
+        one_process = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+        reloaded = dict(one_process.named_parameters())
         self.assertEqual(max_diff({name: reloaded[name].detach() for name in trained}, trained)[0], 0.0)
+        # `generate` on every rank (each its own prompt, rank 0 done after one token, the others after 6) = one
+        # process's; without the ranks kept in step, the others wait for rank 0's experts until the launch times out
+        lengths = set()
+        for rank, report in results.items():
+            generated = report["generated"]
+            with torch.no_grad():
+                want = one_process.generate(input_ids=generated["prompt"], **generated["kwargs"])
+            got = generated["tokens"]
+            self.assertTrue(torch.equal(got, want), f"rank {rank}: generated {got.tolist()}, not {want.tolist()}")
+            lengths.add(got.shape[-1])
+        self.assertEqual(len(lengths), 2, "the ranks did not stop at different steps: the test proves nothing")
         # `engine.save_16bit_model`: rank 0 writes every expert, gathered (DeepSpeed alone writes its own only)
         written = torch.load(saved_16bit / "pytorch_model.bin", weights_only=True)
         self.assertEqual(set(written), set(trained))

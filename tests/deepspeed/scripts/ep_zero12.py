@@ -35,6 +35,8 @@ def parse_args():
     parser.add_argument("--gas", type=int, default=1, help="gradient accumulation steps (micro batches per step)")
     parser.add_argument("--save-pretrained", default=None, help="`save_pretrained` on every rank here after training")
     parser.add_argument("--save-16bit", default=None, help="`engine.save_16bit_model` here after training")
+    parser.add_argument("--generate", action="store_true",
+                        help="after training: greedy `generate` on every rank, out of step (`generate_out_of_step`)")
     parser.add_argument("--bf16", action="store_true", help="research: DeepSpeed bf16 (fp32 master weights)")
     parser.add_argument("--offload", action="store_true",
                         help="research: offload_optimizer to the CPU, the torch optimizer as given")
@@ -198,8 +200,26 @@ def main():
             record["save_pretrained"] = f"{type(e).__name__}: {e}"
     if args.save_16bit:
         engine.save_16bit_model(args.save_16bit)
+    if args.generate:
+        record["generated"] = generate_out_of_step(engine.module, args)
     dist.barrier()
     return record
+
+
+def generate_out_of_step(model, args) -> dict:
+    """Greedy `generate` on every rank from its own prompt, rank 0 stopping after one token (its first token is its
+    end-of-sequence token) while the others generate 6 (`min_new_tokens`): the ranks must go on running the forward
+    together (the experts' tokens are exchanged) after rank 0 is done. Returns the prompt, the `generate` arguments and
+    the tokens, for the same call in one process."""
+    model.eval()
+    prompt = global_batch(args, 10_000 + rank(), model.config.vocab_size)[:1, :5]
+    with torch.no_grad():
+        first = model.generate(input_ids=prompt, max_new_tokens=1, do_sample=False)[0, -1].item()
+        kwargs = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": first, "pad_token_id": first}
+        if rank() != 0:
+            kwargs["min_new_tokens"] = 6
+        tokens = model.generate(input_ids=prompt, **kwargs)
+    return {"prompt": prompt, "kwargs": kwargs, "tokens": tokens}
 
 
 if __name__ == "__main__":

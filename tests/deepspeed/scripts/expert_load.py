@@ -30,6 +30,7 @@ def parse_args():
     # exact (after real updates a token near a tie can flip between two experts, as float sums differ)
     parser.add_argument("--lr", type=float, default=0.0)
     parser.add_argument("--dead-window", type=int, default=2)
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="the ZeRO stage (1, 2: issue 24)")
     parser.add_argument("--no-reduce", action="store_true",
                         help="negative control: collect without the all-reduce (each rank logs its own rows' counts)")
     args = parser.parse_args()
