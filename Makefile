@@ -44,7 +44,8 @@ help:
 	@echo "make bench-save  2/4-rank CPU save, per-expert + fused layouts: EP + ZeRO-3 save_pretrained vs one process (BENCH_ARGS=\"--nproc 2\")"
 	@echo "make bench-export  offline export of a 2-rank EP ZeRO-3 checkpoint to an HF checkpoint: peak memory at 2 model sizes"
 	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
-	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3 vs ZeRO-3 vs DeepSpeed AutoEP (BENCH_ARGS=...)"
+	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3/2/1 vs ZeRO-3/2 without EP vs DeepSpeed AutoEP + ZeRO-3/2"
+	@echo "                 (BENCH_ARGS=\"--variants D B C\": the ZeRO-3 ones only; \"--stages 2\"; \"--repeats 5\")"
 	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P [--stage S] [--gpu-memory GiB] ...\"  per-rank memory of EP + ZeRO-1/2/3, which stages fit (no weights read)"
 	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, ZeRO-1/2/3, offload (about 8 min)"
 	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
@@ -171,9 +172,13 @@ sweep-families: install
 	$(PATCHQ) assemble --quiet
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
 
-# Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 3 variants x 3 interleaved repeats, about 4 min;
-# JSON in benchmarks/results/. BENCH_ARGS="--profile" adds a torch.profiler run of EP + ZeRO-3 and AutoEP;
-# BENCH_ARGS="--nproc 4 --ep-size 2 --timeout 240" runs EP x data parallelism on 4 ranks (about 5 min).
+# Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 7 variants x 3 interleaved repeats, about 10 min:
+# EP + ZeRO-3 (D), ZeRO-3 without EP (B), AutoEP + ZeRO-3 (C), and (issue 24) EP + ZeRO-2 (D2) and ZeRO-1 (D1), the
+# stage-1/2 prototype switched on in their ranks, ZeRO-2 without EP (B2), AutoEP + ZeRO-2 (C2); the memory planner's
+# per-rank figures printed beside the measured ones; JSON in benchmarks/results/. BENCH_ARGS="--variants D B C" the
+# ZeRO-3 ones alone (about 4 min), "--stages 2" the ZeRO-2 ones, "--repeats 5" the docs' "Which ZeRO stage" run
+# (about 15 min); "--profile" adds a torch.profiler run of D, C, D2 and C2; "--nproc 4 --ep-size 2 --timeout 240"
+# runs EP x data parallelism on 4 ranks.
 bench-train: install
 	$(PATCHQ) assemble --quiet
 	$(PY) benchmarks/train_ep_zero3.py $(BENCH_ARGS)

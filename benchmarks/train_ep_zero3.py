@@ -1,4 +1,5 @@
-"""Training benchmark: expert parallelism under DeepSpeed ZeRO-3 against plain ZeRO-3 and DeepSpeed's own AutoEP.
+"""Training benchmark: expert parallelism under DeepSpeed ZeRO-3, ZeRO-2 and ZeRO-1 against plain ZeRO and DeepSpeed's
+own AutoEP.
 
     make bench-train                             # or: .venv/bin/python benchmarks/train_ep_zero3.py [--repeats 3]
 
@@ -7,7 +8,7 @@ parameters, 6.29 M of them in experts) is saved once under `.cache/bench/` (seed
 trains 10 AdamW steps (lr 1e-3, no weight decay) on 2 CPU ranks (`--nproc`; torchrun, gloo, OMP_NUM_THREADS=1 per
 rank; EP size 2, `--ep-size`: `--nproc 4 --ep-size 2` adds data parallelism over the expert copies), micro
 batch 4 rows of 128 structured tokens per rank, the same rows on the same rank and step in every variant, under
-DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
+DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`) or ZeRO-1 / ZeRO-2 (DeepSpeed's defaults):
 
 - `D` ours:    ZeRO-3 registered (HfDeepSpeedConfig) before `from_pretrained(..., DistributedConfig(ep_size=2))`: each
                rank loads its experts, tagged for DeepSpeed (patch 0003); then `deepspeed.initialize`.
@@ -15,30 +16,51 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`):
                ranks like every other weight and gathered whole for each forward and backward.
 - `C` AutoEP:  a plain load, then `deepspeed.initialize` with `"expert_parallel": {"enabled": true, "autoep_size": 2,
                "preset_model": "qwen3_moe"}`: DeepSpeed swaps the MoE blocks for its own EP layer.
-- `M` D with expert load metrics on every other step (even steps in one repeat, odd in the next) (`track_expert_load(engine)` before the step, `collect(step)`
-               inside it: the hooks' counting plus one all-reduce, as when logging every step; off on the other
-               steps). Not in the default set: `--variants D M` (`make bench-expert-load`) prints the ratio of M's
-               on-steps to its off-steps, in the same processes (what other load on the host does to both cancels
-               out), against its goal (<= 1.02), and M/D over all steps.
+- `M` D with expert load metrics on every other step (even steps in one repeat, odd in the next)
+               (`track_expert_load(engine)` before the step, `collect(step)` inside it: the hooks' counting plus one
+               all-reduce, as when logging every step; off on the other steps). Not in the default set:
+               `--variants D M` (`make bench-expert-load`) prints the ratio of M's on-steps to its off-steps, in the
+               same processes (what other load on the host does to both cancels out), against its goal (<= 1.02), and
+               M/D over all steps.
+- `D2` EP + ZeRO-2: D's load and hand-over with ZeRO-2 registered, `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1` in the ranks'
+               environment (the stage-1/2 prototype, issue 24): the experts become DeepSpeed MoE layers, the client
+               AdamW is split into dense and expert groups inside `deepspeed.initialize`.
+- `D1` EP + ZeRO-1: the same at stage 1.
+- `B2` ZeRO-2, no EP: a plain load with ZeRO-2 registered (every rank holds every expert; gradients and optimizer
+               state partitioned over all ranks).
+- `C2` AutoEP + ZeRO-2: C's `expert_parallel` section at stage 2. DeepSpeed requires MoE parameter groups at stages 1
+               and 2 ("The model has moe layers, but None of the param groups are marked as MoE") and its AutoEP swaps
+               the MoE blocks inside `deepspeed.initialize`, after a client optimizer was built: so C2 takes the
+               config's optimizer, `{"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0, "torch_adam": true}}`
+               (the same `torch.optim.AdamW`), which DeepSpeed splits into MoE groups itself.
+`--stages 2 3` keeps the variants of those stages only.
 
 Per variant and rank: load time (`from_pretrained`, barriers around it; D's includes starting DeepSpeed's communication
 and its expert groups, which B and C do in `deepspeed.initialize`, so their sum is compared too),
 `deepspeed.initialize` time, step times (a barrier before and after every step; the figure is the median of steps
 3-10), the rank's CPU time per step (all its threads; unlike wall time it hardly moves when other processes share the
 cores, and the host's load average is recorded with every launch), CPU time per step by thread name (main thread vs the
-gloo threads of each process group), peak RSS (VmHWM: after initialize and at the end), and the ZeRO-3 state the rank
-keeps: its parameter partitions (`ds_tensor`), the optimizer's fp32 master partitions (`fp32_partitioned_groups_flat`),
-the Adam states (`optimizer.state` of those partitions) and the gradient partitions (`grad_partitions_flat_buffer`), in
-elements and bytes (bytes also counted once per storage, to catch aliases), against the ideal per rank: (dense / W +
-experts / W) x (param + grad + 2 Adam states + fp32 master).
+gloo threads of each process group), peak RSS (VmHWM: after initialize and at the end), and the ZeRO state the rank
+keeps. ZeRO-3: its parameter partitions (`ds_tensor`), the optimizer's fp32 master partitions
+(`fp32_partitioned_groups_flat`), the Adam states (`optimizer.state` of those partitions) and the gradient partitions
+(`grad_partitions_flat_buffer`), in elements and bytes (bytes also counted once per storage, to catch aliases). ZeRO-1/2
+(counted as the memory planner's test counts them, `tests/deepspeed/scripts/ep_memory_plan.py`, during step 2, which
+is not timed): the whole parameters (flat groups), the gradient partition buffer when the step starts plus, at stage 1,
+the whole gradients when the reduction starts, the fp32 master partitions (`single_partition_of_fp32_groups`) and their
+Adam states. Both against the ZeRO-3 ideal per rank: (dense / W + experts / W) x (param + grad + 2 Adam states + fp32
+master), and against the memory planner (`plan_memory` for the variant's stage and EP size, `cpu_only`; it models
+this fork's layout: AutoEP's rows get the fork's figure for their EP size, its own expert tensors may move a partition
+boundary), whose per-rank state and host figure are printed next to the measured peak RSS, with the planner's three
+stages side by side for this model.
 The variants run interleaved, `--repeats` times (3); a variant's figure is the median over repeats of the slowest
-rank (time) or the largest rank (memory). The table and the ratios against the goals (step D/B < 1, step D/C <= 1)
-go to stdout, everything to JSON under benchmarks/results/ (git-ignored). The losses of the three variants are
-compared too: they train the same model on the same rows, so they agree to float rounding.
+rank (time) or the largest rank (memory). The table and the ratios against the goals (step D/B < 1, step D/C <= 1;
+EP + ZeRO-2 and EP + ZeRO-1 faster than EP + ZeRO-3, step D2/D < 1 and D1/D < 1, and at most AutoEP + ZeRO-2's, step
+D2/C2 <= 1 and D1/C2 <= 1) go to stdout, everything to JSON under benchmarks/results/ (git-ignored). The losses of
+the variants are compared too: they train the same model on the same rows, so they agree to float rounding.
 
-`--profile` adds one run of D and one of C with torch.profiler on rank 0 around steps 5-6 and prints their top
-self-CPU operators (per step; a profiler's self time is wall time inside the operator, waits for the other rank
-included) and every collective and wait (`--repeats 0 --profile` runs only that). Every launch runs under a hard
+`--profile` adds one run of D, C, D2 and C2 (those selected) with torch.profiler on rank 0 around steps 5-6 and prints
+their top self-CPU operators (per step; a profiler's self time is wall time inside the operator, waits for the other
+rank included) and every collective and wait (`--repeats 0 --profile` runs only that). Every launch runs under a hard
 timeout. Method and earlier figures: the project's research note `autoep-anchor.md`.
 """
 
@@ -84,6 +106,8 @@ MICRO_BATCH = 4
 STEPS = 10
 TIMED_STEPS = slice(2, 10)  # steps 3-10
 PROFILED_STEPS = (4, 5)  # steps 5-6
+PROFILED_VARIANTS = ("D", "C", "D2", "C2")  # --profile
+ZERO12_COUNTED_STEP = 1  # step 2: the ZeRO-1/2 state is counted while it runs (see `zero12_state`), not timed
 LR = 1e-3
 DATA_SEED = 1234
 VARIANTS = {
@@ -91,11 +115,24 @@ VARIANTS = {
     "B": "ZeRO-3, no EP (zero.Init)",
     "C": "DeepSpeed AutoEP + ZeRO-3",
     "M": "D + expert load metrics on every other step",
+    "D2": "EP + ZeRO-2 (ours, prototype)",
+    "D1": "EP + ZeRO-1 (ours, prototype)",
+    "B2": "ZeRO-2, no EP",
+    "C2": "DeepSpeed AutoEP + ZeRO-2",
 }
-DEFAULT_VARIANTS = ("D", "B", "C")
+# The ZeRO stage of each variant
+STAGES = {"D": 3, "B": 3, "C": 3, "M": 3, "D2": 2, "D1": 1, "B2": 2, "C2": 2}
+# This fork's EP (DistributedConfig(ep_size)), DeepSpeed's AutoEP, neither
+FORK_EP = ("D", "M", "D2", "D1")
+AUTOEP = ("C", "C2")
+DEFAULT_VARIANTS = ("D", "B", "C", "D2", "D1", "B2", "C2")
+# The stage-1/2 prototype's switch (issue 24), set in the ranks' environment of D1 and D2 only
+EP_ZERO12_PROTOTYPE_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 GOAL_STEP_D_OVER_B = 1.0  # strictly below
 GOAL_STEP_D_OVER_C = 1.0  # at most
 GOAL_STEP_M_OVER_D = 1.02  # at most: expert load metrics on vs off
+GOAL_STEP_ZERO12_OVER_D = 1.0  # strictly below: EP + ZeRO-1/2 faster than EP + ZeRO-3
+GOAL_STEP_ZERO12_OVER_C2 = 1.0  # at most: EP + ZeRO-1/2 against AutoEP + ZeRO-2
 MiB = 2**20
 
 
@@ -104,17 +141,27 @@ MiB = 2**20
 
 
 def deepspeed_config(variant: str, ep_size: int) -> dict:
+    stage = STAGES[variant]
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if variant == "C":
+    if variant in AUTOEP:
         config["expert_parallel"] = {"enabled": True, "autoep_size": ep_size, "preset_model": "qwen3_moe"}
+    if variant in AUTOEP and stage < 3:
+        # DeepSpeed's ZeRO-1/2 optimizer needs MoE parameter groups, which AutoEP's layers (made inside
+        # `deepspeed.initialize`) only get from an optimizer DeepSpeed builds: the config's, the same torch AdamW
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}}
     return config
+
+
+def uses_config_optimizer(variant: str) -> bool:
+    return "optimizer" in deepspeed_config(variant, EP_SIZE)
 
 
 def build_checkpoint() -> None:
@@ -259,6 +306,50 @@ def expert_partition_groups(engine) -> dict:
     return groups
 
 
+def zero12_state(engine, probe) -> dict:
+    """
+    The ZeRO-1/2 state this rank keeps, in `zero3_state`'s form, counted as the memory planner's test counts it
+    (`count_zero12_state`: each storage once, dense and experts apart) once `probe` (`Zero12Probe`) has watched a step:
+    params = the flat parameter groups (whole parameters), grads = the gradient partition buffer when the step starts
+    plus, at stage 1, the whole gradients when the reduction starts, fp32_master = the fp32 partitions, adam_states =
+    their AdamW moments. Every tensor of it is fp32 here (fp32 model), so elements = bytes / 4.
+    """
+    from tests.deepspeed.scripts.ep_memory_plan import count_zero12_state
+
+    optimizer = engine.optimizer  # DeepSpeedZeroOptimizer
+    counted = count_zero12_state(engine, probe)
+
+    def nbytes(*keys):
+        return sum(sum(counted.get(key, {}).values()) for key in keys)
+
+    kinds = {"params": nbytes("parameters"), "grads": nbytes("gradients", "whole_gradients", "fp32_gradients"),
+             "fp32_master": nbytes("master"), "adam_states": nbytes("optimizer")}
+    out = {kind: {"numel": value // 4, "bytes": value} for kind, value in kinds.items()}
+    out["total"] = {k: sum(out[kind][k] for kind in kinds) for k in ("numel", "bytes")}
+    out["total"]["unique_storage_bytes"] = nbytes(*counted)
+    out["by_kind"] = counted  # bytes per kind of the planner's test, dense and experts apart
+    flat_ptrs = {t.untyped_storage().data_ptr() for t in optimizer.bit16_groups_flat}
+    out["fp32_master_aliases_params"] = all(
+        t.untyped_storage().data_ptr() in flat_ptrs for t in optimizer.single_partition_of_fp32_groups
+    )
+    ipg = [t for b in getattr(optimizer, "ipg_buckets", {}).values() for t in getattr(b, "buffer", None) or []]
+    out["ipg_buffer_bytes_virtual"] = sum(t.numel() * t.element_size() for t in ipg)
+    return out
+
+
+def zero12_partition_groups(engine) -> dict:
+    """The ranks over which the ZeRO-1/2 optimizer partitions its dense and its expert (MoE) groups (first of each)."""
+    import torch.distributed as dist
+
+    optimizer = engine.optimizer
+    groups = {}
+    for i, group in enumerate(optimizer.optimizer.param_groups):
+        kind = "experts" if group.get("moe", False) else "dense"
+        if kind not in groups:
+            groups[kind] = dist.get_process_group_ranks(optimizer.real_dp_process_group[i])
+    return groups
+
+
 def top_self_cpu(prof, steps: int, limit: int = 25) -> list[dict]:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [
@@ -278,11 +369,12 @@ def rank_main(args) -> dict:
     init_process_group()
     r, world = rank(), world_size()
     config = deepspeed_config(variant, args.ep_size)
+    stage = STAGES[variant]
     registered = None
-    if variant in ("D", "B", "M"):
+    if variant not in AUTOEP:
         from transformers.integrations import HfDeepSpeedConfig
 
-        registered = HfDeepSpeedConfig(config)  # noqa: F841  (ZeRO-3 registered for from_pretrained; keep alive)
+        registered = HfDeepSpeedConfig(config)  # noqa: F841  (ZeRO registered for from_pretrained; keep alive)
     import deepspeed
 
     from transformers import AutoModelForCausalLM
@@ -294,7 +386,7 @@ def rank_main(args) -> dict:
     post_import_rss = proc_status_kb("VmRSS")
     import_s = time.perf_counter() - PROCESS_START
     kwargs = {"dtype": torch.float32}
-    if variant in ("D", "M"):
+    if variant in FORK_EP:
         kwargs["distributed_config"] = DistributedConfig(ep_size=args.ep_size)
     dist.barrier()
     start = time.perf_counter()
@@ -304,10 +396,13 @@ def rank_main(args) -> dict:
     rss_after_load = proc_status_kb("VmRSS")
     model.train()
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    if uses_config_optimizer(variant):  # AutoEP at stage 1/2: the config's AdamW (see `deepspeed_config`)
+        initialize_kwargs = {"model_parameters": list(model.parameters())}
+    else:
+        initialize_kwargs = {"optimizer": torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)}
     dist.barrier()
     start = time.perf_counter()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, *_ = deepspeed.initialize(model=model, config=config, **initialize_kwargs)
     dist.barrier()
     init_s = time.perf_counter() - start
     hwm_after_init = proc_status_kb("VmHWM")
@@ -319,8 +414,13 @@ def rank_main(args) -> dict:
     vocab = model.config.vocab_size
     losses, step_s, step_cpu_s, threads = [], [], [], []
     prof, profiled = None, []
+    state, probe = None, None
     for step in range(STEPS):
         input_ids = rank_rows(step, r, world, vocab)
+        if stage < 3 and step == ZERO12_COUNTED_STEP:
+            from tests.deepspeed.scripts.ep_memory_plan import Zero12Probe
+
+            probe = Zero12Probe(engine)  # watches this step's gradients (not a timed step)
         if step == TIMED_STEPS.start:
             threads_cpu_before = thread_cpu_s()
         if args.profile and r == 0 and step == PROFILED_STEPS[0]:
@@ -345,6 +445,10 @@ def rank_main(args) -> dict:
         dist.barrier()
         step_s.append(time.perf_counter() - start)
         step_cpu_s.append(time.process_time() - cpu_start)  # every thread of this rank, the gloo ones included
+        if probe is not None:
+            state = zero12_state(engine, probe)
+            probe.remove()
+            probe = None
         if prof is not None and step == PROFILED_STEPS[-1]:
             prof.__exit__(None, None, None)
             profiled = top_self_cpu(prof, len(PROFILED_STEPS), limit=60)
@@ -367,10 +471,14 @@ def rank_main(args) -> dict:
     thread_cpu_per_step = {name: (threads_cpu_after[name] - threads_cpu_before.get(name, 0.0)) / timed
                            for name in threads_cpu_after}
 
-    state = zero3_state(engine)
+    if stage == 3:
+        state, partition_groups = zero3_state(engine), expert_partition_groups(engine)
+    else:
+        partition_groups = zero12_partition_groups(engine)
     result = {
         "rank_wall_s": time.perf_counter() - PROCESS_START,
         "variant": variant,
+        "stage": stage,
         "rank": r,
         "world_size": world,
         "threads": max(threads),
@@ -389,7 +497,7 @@ def rank_main(args) -> dict:
         "peak_rss_mib": proc_status_kb("VmHWM") / 1024,
         "zero3": state,
         "has_moe_layers": bool(getattr(engine, "has_moe_layers", False)),
-        "partition_groups": expert_partition_groups(engine),
+        "partition_groups": partition_groups,
         "profile": profiled,
         "expert_load_last": expert_load[-1] if expert_load else None,
         "expert_load_collect_s": collect_s,
@@ -407,9 +515,44 @@ def median(values):
     return statistics.median(values)
 
 
-def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
+def planner_figures(variants, nproc: int, ep_size: int) -> tuple[dict, dict]:
+    """
+    The memory planner on this benchmark's model (`compare_stages`, fp32, AdamW, the variants' ZeRO options, DeepSpeed's
+    CPU accelerator: the device is the host), per EP size the variants use (the fork's and AutoEP's, 1 without EP):
+    per variant its stage's per-rank figures (bytes), and per EP size the stages side by side (text).
+    """
+    import dataclasses
+
+    from transformers.integrations.deepspeed_expert_parallel_memory import (
+        ZeroOptions,
+        compare_stages,
+        format_stage_comparison,
+    )
+
+    def ep_of(variant):
+        return ep_size if variant in FORK_EP or variant in AUTOEP else 1
+
+    plans, figures, text = {}, {}, {}
+    zero = ZeroOptions.from_deepspeed_config(deepspeed_config("D", ep_size))  # stage 3, persistence threshold 0
+    for ep in sorted({ep_of(v) for v in variants}):
+        plans[ep] = compare_stages(CHECKPOINT, nproc, ep, "fp32", "adamw", zero, micro_batch=MICRO_BATCH,
+                                   sequence_length=SEQ_LEN, cpu_only=True)
+        text[ep] = format_stage_comparison(plans[ep])
+    for v in variants:
+        plan = plans[ep_of(v)][STAGES[v]]
+        # the variant's own ZeRO options (stage 1/2 configs set no stage-3 option: the same plan)
+        assert dataclasses.replace(zero, stage=STAGES[v]) == ZeroOptions.from_deepspeed_config(
+            deepspeed_config(v, ep_size), param_persistence_threshold=0)
+        figures[v] = {"ep_size": ep_of(v), "stage": STAGES[v], "state_bytes": plan.state,
+                      "host_per_rank_bytes": plan.per_device("host"), "load_peak_bytes": plan.load_peak,
+                      "optimizer_class": plan.optimizer_class, "rank": plan.rank}
+    return figures, text
+
+
+def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int, planned: dict | None = None) -> dict:
     """runs[variant] = one dict per repeat, rank -> result. Per repeat: the slowest rank for times, the largest rank
-    for memory; then the median over repeats."""
+    for memory; then the median over repeats. `planned`: the planner's figures per variant (`planner_figures`)."""
+    planned = planned or {}
     ideal = ideal_state(counts, nproc)
     rows = {}
     for variant, repeats in runs.items():
@@ -422,6 +565,7 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
         step_medians = over(lambda res: median(res["step_s"][TIMED_STEPS]))
         rows[variant] = {
             "label": VARIANTS[variant],
+            "stage": STAGES[variant],
             "repeats": len(repeats),
             "step_s": median(step_medians),
             "step_s_range": [min(step_medians), max(step_medians)],
@@ -442,6 +586,7 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
             "import_s": median(over(lambda res: res["import_s"])),
             "launch_wall_s": median(over(lambda res: res["launch_wall_s"])),
             "host_loadavg": median(over(lambda res: max(res["loadavg_1min"]))),
+            # the ZeRO state at the variant's stage (`zero3_state` or `zero12_state`; the key predates stages 1/2)
             "zero3": {
                 kind: {k: median(over(lambda res, kind=kind, k=k: res["zero3"][kind][k]))
                        for k in ("numel", "bytes")}
@@ -460,6 +605,7 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
             },
             # mean over ranks of each step's loss, first repeat (all repeats are identical up to rounding)
             "losses": [statistics.fmean(res["losses"][s] for res in repeats[0].values()) for s in range(STEPS)],
+            "planner": planned.get(variant),
         }
     ratios = {}
 
@@ -489,25 +635,43 @@ def summarize(runs: dict[str, list[dict]], counts: dict, nproc: int) -> dict:
     ratio("peak RSS D/C", "D", "C", "peak_rss_mib")
     ratio("peak-post-import D/B", "D", "B", "peak_over_post_import_mib")
     ratio("peak-post-import D/C", "D", "C", "peak_over_post_import_mib")
-    for a, b in (("D", "B"), ("D", "C")):
+    # Stages 1 and 2 (issue 24): EP + ZeRO-2 / ZeRO-1 faster than EP + ZeRO-3, and at most AutoEP + ZeRO-2
+    for v in ("D2", "D1"):
+        ratio(f"step {v}/D", v, "D", "step_s", GOAL_STEP_ZERO12_OVER_D, strict=True)
+        ratio(f"step {v}/C2", v, "C2", "step_s", GOAL_STEP_ZERO12_OVER_C2)
+    for a, b in (("D2", "D"), ("D1", "D"), ("D2", "C2"), ("D1", "C2")):
+        ratio(f"step CPU time {a}/{b}", a, b, "step_cpu_s")
+    for a, b in (("D2", "B2"), ("C2", "C"), ("B2", "B"), ("C2", "B2")):
+        ratio(f"step {a}/{b}", a, b, "step_s")
+    for a, b in (("D2", "D"), ("D1", "D"), ("D2", "C2"), ("D1", "C2"), ("D2", "B2")):
+        ratio(f"peak RSS {a}/{b}", a, b, "peak_rss_mib")
+        ratio(f"peak-post-import {a}/{b}", a, b, "peak_over_post_import_mib")
+        ratio(f"load+init {a}/{b}", a, b, "load_init_s")
+    for a, b in (("D", "B"), ("D", "C"), ("D2", "D"), ("D1", "D"), ("D2", "C2"), ("D2", "B2")):
         if a in rows and b in rows:
-            ratios[f"ZeRO-3 state bytes {a}/{b}"] = {
+            ratios[f"ZeRO state bytes {a}/{b}"] = {
                 "value": rows[a]["zero3"]["total"]["bytes"] / rows[b]["zero3"]["total"]["bytes"]}
     for v in rows:
-        ratios[f"ZeRO-3 state bytes {v}/ideal"] = {"value": rows[v]["zero3"]["total"]["bytes"] / ideal["bytes"]}
+        ratios[f"ZeRO state bytes {v}/ZeRO-3 ideal"] = {
+            "value": rows[v]["zero3"]["total"]["bytes"] / ideal["bytes"]}
+    for v in rows:
+        if rows[v]["planner"]:
+            ratios[f"ZeRO state bytes {v}/planner"] = {
+                "value": rows[v]["zero3"]["total"]["bytes"] / rows[v]["planner"]["state_bytes"]}
     parity = {}
-    if "B" in rows:
-        for v in rows:
-            if v != "B":
-                parity[f"{v} vs B"] = max(abs(a - b) / abs(b) for a, b in zip(rows[v]["losses"], rows["B"]["losses"]))
+    reference = next((v for v in ("B", "B2", "D") if v in rows), next(iter(rows), None))
+    for v in rows:
+        if v != reference:
+            parity[f"{v} vs {reference}"] = max(
+                abs(a - b) / abs(b) for a, b in zip(rows[v]["losses"], rows[reference]["losses"]))
     return {"rows": rows, "ratios": ratios, "ideal": ideal, "counts": counts, "loss_rel_diff": parity}
 
 
 def print_table(summary: dict, nproc: int) -> None:
     rows, ideal = summary["rows"], summary["ideal"]
     print("| variant | step s median [range] | step CPU s/rank | initialize s | load s | peak RSS MiB (load+init) "
-          "| peak - post-import MiB | ZeRO-3 state/rank M elems: params + grads + fp32 master + Adam = total (MiB) "
-          "| x ideal | threads |")
+          "| peak - post-import MiB | ZeRO state/rank M elems: params + grads + fp32 master + Adam = total (MiB) "
+          "| x ZeRO-3 ideal | threads |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v, row in rows.items():
         z = row["zero3"]
@@ -521,12 +685,37 @@ def print_table(summary: dict, nproc: int) -> None:
             f"{z['total']['numel'] / 1e6:.2f} ({z['total']['bytes'] / MiB:.1f}) "
             f"| {z['total']['bytes'] / ideal['bytes']:.3f} | {row['threads']} |"
         )
+    if any(row["planner"] for row in rows.values()):
+        print("\nmemory per rank (largest rank), measured and planned (`plan_memory`, the variant's stage and EP size; "
+              "the planner leaves out activations, imports and allocator slack, in the measured peak RSS):")
+        print("| variant | stage | EP | peak RSS MiB | peak - post-import MiB | ZeRO state MiB, measured "
+              "| ZeRO state MiB, planner | measured / planner | planner host per rank MiB (state + step buffers) "
+              "| planner load peak MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for v, row in rows.items():
+            plan = row["planner"]
+            if not plan:
+                continue
+            measured = row["zero3"]["total"]["bytes"]
+            if v in AUTOEP:
+                load = "n/a (AutoEP: a plain load)"
+            else:
+                load = f"{plan['load_peak_bytes'] / MiB:.1f}" if plan["load_peak_bytes"] is not None else "not modelled"
+            print(f"| {v} {row['label']} | {row['stage']} | {plan['ep_size']} | {row['peak_rss_mib']:.0f} "
+                  f"| {row['peak_over_post_import_mib']:.0f} | {measured / MiB:.1f} | {plan['state_bytes'] / MiB:.1f} "
+                  f"| {measured / plan['state_bytes']:.3f} | {plan['host_per_rank_bytes'] / MiB:.1f} | {load} |")
+    for ep, text in summary.get("planner_stages", {}).items():
+        print(f"\nthe planner's stages side by side for this model, EP {ep} (AutoEP planned with the fork's layout; "
+              "CPU ranks: 'host' holds the state, 'GPU' is the working buffers alone, mostly DeepSpeed's default "
+              "reduce bucket of 5e8 elements, allocated but only partly touched on CPU):")
+        print(text)
     counts = summary["counts"]
     print(f"\nideal ZeRO-3 state per rank: (dense {counts['dense'] / 1e6:.2f} M / {nproc} + experts "
           f"{counts['experts'] / 1e6:.2f} M / {nproc}) x 5 = {ideal['numel'] / 1e6:.2f} M elements, "
           f"{ideal['bytes'] / MiB:.1f} MiB fp32")
     for v, row in rows.items():
-        print(f"{v}: import {row['import_s']:.1f} s, launch {row['launch_wall_s']:.0f} s, host load average "
+        print(f"{v} (ZeRO-{row['stage']}): import {row['import_s']:.1f} s, launch {row['launch_wall_s']:.0f} s, "
+              f"host load average "
               f"{row['host_loadavg']:.1f} (2 cores), engine.has_moe_layers={row['has_moe_layers']}, fp32 master "
               f"aliases params={row['fp32_master_aliases_params']}, unique storage "
               f"{row['zero3_unique_storage_bytes'] / MiB:.1f} MiB, partition groups {row['partition_groups']}")
@@ -585,8 +774,8 @@ def run_variant(variant: str, cli, profile: bool = False, repeat: int = 0):
     # M: metrics on the even steps in one repeat, the odd ones in the next (steps of one parity can be slower)
     args += ["--metrics-parity", str(repeat % 2)]
     load_before = os.getloadavg()[0]
-    outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout,
-                     env={"OMP_NUM_THREADS": "1"})
+    env = {"OMP_NUM_THREADS": "1", **(EP_ZERO12_PROTOTYPE_ENV if variant in FORK_EP and STAGES[variant] < 3 else {})}
+    outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout, env=env)
     if not outcome.ok or len(outcome.ranks) != cli.nproc or any(o.result is None for o in outcome.ranks.values()):
         print(outcome.report(), flush=True)
         return None, outcome.elapsed
@@ -606,6 +795,7 @@ def driver(args) -> int:
     started = time.monotonic()
     build_checkpoint()
     counts = parameter_counts()
+    planned, planner_stages = planner_figures(args.variants, args.nproc, args.ep_size)
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     failures = []
     order = list(args.variants)
@@ -621,7 +811,7 @@ def driver(args) -> int:
             print(f": step {step:.3f} s, {elapsed:.0f} s wall, load average {os.getloadavg()[0]:.1f}", flush=True)
     profiles = {}
     if args.profile:
-        for variant in [v for v in ("D", "C") if v in args.variants]:
+        for variant in [v for v in PROFILED_VARIANTS if v in args.variants]:
             print(f"== profile {variant}", end="", flush=True)
             result, elapsed = run_variant(variant, args, profile=True)
             if result is None:
@@ -631,7 +821,8 @@ def driver(args) -> int:
             print(f": {elapsed:.0f} s wall", flush=True)
     if not any(runs.values()) and not profiles:
         return 1
-    summary = summarize(runs, counts, args.nproc)
+    summary = summarize(runs, counts, args.nproc, planned)
+    summary["planner_stages"] = planner_stages
     if summary["rows"]:
         print()
         print_table(summary, args.nproc)
@@ -643,6 +834,7 @@ def driver(args) -> int:
     }
     setup = {"model": MODEL, "nproc": args.nproc, "ep_size": args.ep_size, "seq_len": SEQ_LEN,
              "micro_batch": MICRO_BATCH, "steps": STEPS, "lr": LR, "repeats": args.repeats,
+             "stages": {v: STAGES[v] for v in args.variants},
              "deepspeed_config": {v: deepspeed_config(v, args.ep_size) for v in args.variants}}
     raw = {v: [{str(r): res for r, res in rep.items()} for rep in reps] for v, reps in runs.items()}
     payload = {"setup": setup, "environment": environment, **summary, "profiles": profiles, "runs": raw}
@@ -661,13 +853,19 @@ def driver(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                        help=f"default: {' '.join(DEFAULT_VARIANTS)}; "
+                        + "; ".join(f"{v}: {label} (ZeRO-{STAGES[v]})" for v, label in VARIANTS.items()))
+    parser.add_argument("--stages", nargs="+", type=int, choices=[1, 2, 3], default=None,
+                        help="keep the variants at these ZeRO stages only (e.g. --stages 2 3)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every variant (0: --profile only)")
     parser.add_argument("--profile", action="store_true",
-                        help="one more run of D and C with torch.profiler on rank 0, steps 5-6")
+                        help="one more run of D, C, D2 and C2 (those selected) with torch.profiler on rank 0, "
+                        "steps 5-6")
     parser.add_argument("--nproc", type=int, default=NPROC, help="ranks (torchrun, CPU): 2, or 4 on a 2-core host "
                         "for EP x data parallelism (oversubscribed: compare the ratios, not the times)")
-    parser.add_argument("--ep-size", type=int, default=EP_SIZE, help="expert-parallel size of D and C")
+    parser.add_argument("--ep-size", type=int, default=EP_SIZE,
+                        help="expert-parallel size of the EP variants (D, D1, D2, M) and of AutoEP (C, C2)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds per launch (hard)")
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/train_ep_zero3-<time>.json)")
@@ -675,7 +873,12 @@ def main() -> int:
     parser.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--metrics-parity", type=int, default=0, help=argparse.SUPPRESS)
-    return run(parser.parse_args(), rank_main, driver)
+    args = parser.parse_args()
+    if args.stages and not args.rank_side:
+        args.variants = [v for v in args.variants if STAGES[v] in args.stages]
+        if not args.variants:
+            parser.error(f"no variant at ZeRO stage(s) {args.stages}")
+    return run(args, rank_main, driver)
 
 
 if __name__ == "__main__":
