@@ -176,6 +176,15 @@ class EPZero12PrototypeTest(unittest.TestCase):
         self.assertEqual(set(written), set(trained))
         self.assertEqual(max_diff(written, trained)[0], 0.0)
 
+    def test_scheduler_built_before_initialize_is_refused_on_every_rank(self):
+        args = ["--checkpoint", self.checkpoint, "--ep-size", 2, "--stage", 2, "--steps", 1, "--global-batch",
+                GLOBAL_BATCH, "--scheduler-before-initialize"]
+        result = launch(SCRIPT, args, nproc=2, timeout=TIMEOUT, env=PROTOTYPE_ENV)
+        self.assertFalse(result.ok or result.timed_out, result.report())
+        for rank in (0, 1):
+            error = result.ranks[rank].error or ""
+            self.assertIn("ValueError: An LR scheduler was created for the optimizer", error, result.report())
+
     def test_negative_control_untagged_experts_land_off_the_reference(self):
         results = self.run_ranks(2, "--untag")
         self.assertFalse(results[0]["has_moe_layers"])

@@ -23,7 +23,7 @@ hand-over (`prepare_expert_parallel_model_for_deepspeed`) makes transformers' ex
 
 - `mark_experts_as_deepspeed_moe`: the experts module also derives from `MoE` and has the attributes DeepSpeed's engine
   and checkpoints read (`expert_group_name`, `num_local_experts`); its forward and everything else stay its own.
-- `split_client_optimizers_for_experts`: `deepspeed.initialize` (directly, through `Accelerator.prepare` or the
+- `_split_client_optimizers_for_experts`: `deepspeed.initialize` (directly, through `Accelerator.prepare` or the
   `Trainer`) splits the parameter groups of a client optimizer into dense and MoE groups, as DeepSpeed does itself only
   for the optimizers it builds from its config; and it links the optimizer state of every group to the parameters
   (`link_optimizer_state_of_every_group`), which DeepSpeed does only for the first group to step.

@@ -43,6 +43,8 @@ def parse_args():
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
                         help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
+    parser.add_argument("--scheduler-before-initialize", action="store_true",
+                        help="an LR scheduler built on the optimizer before `deepspeed.initialize` (refused)")
     return parser.parse_args()
 
 
@@ -164,6 +166,8 @@ def main():
     else:
         # One group, as users and the Trainer build it: `deepspeed.initialize` splits it for the experts (the fork)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        if args.scheduler_before_initialize:
+            torch.optim.lr_scheduler.LinearLR(optimizer)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     unchanged_by_initialize = all(torch.equal(p, loaded[n]) for n, p in engine.module.named_parameters())
 
