@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 .PHONY: help install assemble check diff refresh rebase pr-series test test-fast test-multinode test-upstream demo \
 	test-torch-next upstream-status \
 	bench-load bench-load-dense bench-save bench-export bench-train sweep-families plan-memory check-memory-plan bench-expert-load \
-	test-expert-load clean
+	test-expert-load test-cpu-adam clean
 
 help:
 	@echo "make test      set up and run the test suite (what .ci/run runs)"
@@ -50,6 +50,7 @@ help:
 	@echo "make check-memory-plan  the planner against measured CPU runs: 2 and 4 ranks, EP 1/2/4, ZeRO-1/2/3, offload (about 8 min)"
 	@echo "make bench-expert-load  bench-train's model with expert load metrics on vs off, collected every step"
 	@echo "make test-expert-load   every expert load metrics test: Trainer and accelerate, with and without EP, 2 and 4 ranks"
+	@echo "make test-cpu-adam      EP + ZeRO-2 with DeepSpeed's CPU Adam at parity (builds its cpu_adam op first)"
 	@echo "make clean     remove $(VENV), caches and the assembled files of src/transformers (own modules stay)"
 
 install: $(VENV)/.installed
@@ -203,6 +204,13 @@ check-memory-plan: install
 test-expert-load: install
 	$(PATCHQ) assemble --quiet
 	EPFORK_EXPERT_LOAD_FULL=1 $(PY) -m pytest tests/deepspeed/test_expert_load_metrics.py $(PYTEST_ARGS)
+
+# EP under ZeRO stage 2 with the optimizer offloaded and DeepSpeed's CPU Adam (the config's AdamW), at parity with one
+# process: DeepSpeed compiles its cpu_adam op first (about 1.5 min here, cached in TORCH_EXTENSIONS_DIR), which CI does
+# not build. About 2.5 min.
+test-cpu-adam: install
+	$(PATCHQ) assemble --quiet
+	EPFORK_CPU_ADAM=1 $(PY) -m pytest tests/deepspeed/test_ep_zero12.py -k cpu_adam $(PYTEST_ARGS)
 
 bench-expert-load: install
 	$(PATCHQ) assemble --quiet

@@ -44,6 +44,9 @@ STEPS = 3
 GLOBAL_BATCH = 4  # train_reference's
 LR = 1e-2  # train_reference's
 PROTOTYPE_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
+# DeepSpeed's CPU Adam is a C++ op compiled on first use (about 1.5 min here): its test runs in `make test-cpu-adam`
+CPU_ADAM_ENV = "EPFORK_CPU_ADAM"
+CPU_ADAM = os.environ.get(CPU_ADAM_ENV) == "1"
 
 
 def reference_grad_norms(checkpoint, steps: int) -> list[float]:
@@ -127,6 +130,19 @@ class EPZero12PrototypeTest(unittest.TestCase):
             for got, want in zip(report["grad_norms"], self.reference_norms):
                 self.assertLess(abs(got - want) / want, 1e-5, f"grad norms {report['grad_norms']} vs "
                                 f"{self.reference_norms}")
+        relative, diff, worst = self.off_reference(results)
+        self.assertLessEqual(relative, 1e-5)
+        self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")
+        self.assert_moments_at_parity(results)
+
+    @unittest.skipUnless(CPU_ADAM, f"{CPU_ADAM_ENV}=1 (make test-cpu-adam): builds DeepSpeed's cpu_adam op first")
+    def test_ep2_with_deepspeeds_cpu_adam_at_parity_with_one_process(self):
+        """Stage 2 with the optimizer offloaded and the config's AdamW: DeepSpeed's CPU Adam, over the MoE groups
+        DeepSpeed splits itself."""
+        results = self.run_ranks(2, "--cpu-adam")
+        self.assertEqual({report["basic_optimizer"] for report in results.values()}, {"DeepSpeedCPUAdam"})
+        for report in results.values():
+            self.assertIn(["ep_size_2", True], [list(group) for group in report["optimizer_groups"]])
         relative, diff, worst = self.off_reference(results)
         self.assertLessEqual(relative, 1e-5)
         self.assertLessEqual(diff, max(10 * self.floor, 1e-6), f"weights off by {diff} at {worst}; floor {self.floor}")

@@ -43,6 +43,8 @@ def parse_args():
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
                         help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
+    parser.add_argument("--cpu-adam", action="store_true",
+                        help="the config's AdamW with the optimizer offloaded: DeepSpeed's CPU Adam (a compiled op)")
     parser.add_argument("--scheduler-before-initialize", action="store_true",
                         help="an LR scheduler built on the optimizer before `deepspeed.initialize` (refused)")
     return parser.parse_args()
@@ -69,6 +71,9 @@ def deepspeed_config(args) -> dict:
         config["zero_force_ds_cpu_optimizer"] = False
     if args.ds_optimizer:
         config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}}
+    if args.cpu_adam:  # as DeepSpeed's and the Trainer's default configs with ZeRO-Offload pick it
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0}}
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     return config
 
 
@@ -161,7 +166,7 @@ def main():
     if args.untag:
         untag(model)
     loaded = {name: param.detach().clone() for name, param in model.named_parameters()}
-    if args.ds_optimizer:
+    if args.ds_optimizer or args.cpu_adam:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
     else:
         # One group, as users and the Trainer build it: `deepspeed.initialize` splits it for the experts (the fork)
@@ -183,6 +188,7 @@ def main():
         losses.append(sum(micro_losses) / len(micro_losses))
         grad_norms.append(float(engine.get_global_grad_norm()))  # before clipping, as DeepSpeed computes it
     record = {
+        "basic_optimizer": type(engine.optimizer.optimizer).__name__,
         "optimizer_groups": optimizer_groups(engine),
         "losses": losses,
         "final": snapshot(engine),
