@@ -26,6 +26,10 @@ weights become a state dict (`get_fp32_state_dict_from_zero_checkpoint`), files 
 (`load_state_dict_from_zero_checkpoint`). A checkpoint without expert parallelism goes to DeepSpeed's own functions, so
 that their output stays DeepSpeed's.
 
+Under ZeRO stages 1 and 2 the checkpoints of expert-parallel models are in DeepSpeed's MoE layout (one file per
+expert), which DeepSpeed's reader cannot read either ("is not a model state checkpoint"): they are read by
+`deepspeed_expert_parallel_zero12_reader.SavedZero12Checkpoint`, behind the same functions.
+
 The `zero_to_fp32.py` DeepSpeed copies into each checkpoint folder is the fork's own in the checkpoints of
 expert-parallel models (`deepspeed_expert_parallel_zero_to_fp32.py`, copied by
 `write_own_recovery_script_in_deepspeed_checkpoints`): DeepSpeed's command line, these functions behind it.
@@ -85,21 +89,32 @@ def _frozen_expert_parallel_sizes(model_states: dict) -> set:
     return sizes
 
 
-def is_expert_parallel_checkpoint(checkpoint_dir: str) -> bool:
-    """
-    Whether the ZeRO-3 checkpoint in `checkpoint_dir` (one tag's folder) holds parameters partitioned over
-    expert-data-parallel groups (the experts of an expert-parallel model), which DeepSpeed's `zero_to_fp32` cannot
-    read: it stops on trained ones and returns one rank's slice of frozen ones. For trained experts DeepSpeed records
-    the ranks of their sub-groups (`ds_zero_partition_groups`) in each rank's optimizer states, and nothing for a
-    model without them (every rank of an expert-parallel model holds experts, so rank 0's file answers); frozen ones
-    are told by the size of their partitions (`_frozen_expert_parallel_sizes`). ZeRO stages 1 and 2 answer no.
-    """
+def _rank_0_optimizer_state(checkpoint_dir: str) -> dict | None:
+    """What rank 0's optimizer-states file holds (memory-mapped), None without one."""
     optim_files = _checkpoint_files(checkpoint_dir, "optim")
     if 0 not in optim_files:
+        return None
+    return SavedZero3Checkpoint._load(optim_files[0])["optimizer_state_dict"]
+
+
+def is_expert_parallel_checkpoint(checkpoint_dir: str) -> bool:
+    """
+    Whether the ZeRO checkpoint in `checkpoint_dir` (one tag's folder) is one of an expert-parallel model, which
+    DeepSpeed's `zero_to_fp32` cannot read. At ZeRO-3, whether it holds parameters partitioned over
+    expert-data-parallel groups (the experts): DeepSpeed's reader stops on trained ones and returns one rank's slice of
+    frozen ones. For trained experts DeepSpeed records the ranks of their sub-groups (`ds_zero_partition_groups`) in
+    each rank's optimizer states, and nothing for a model without them (every rank of an expert-parallel model holds
+    experts, so rank 0's file answers); frozen ones are told by the size of their partitions
+    (`_frozen_expert_parallel_sizes`). At stages 1 and 2, whether it holds the per-expert files of transformers'
+    experts modules (`deepspeed_expert_parallel_zero12_reader.is_expert_parallel_zero12_checkpoint`).
+    """
+    optimizer_state = _rank_0_optimizer_state(checkpoint_dir)
+    if optimizer_state is None:
         return False
-    optimizer_state = SavedZero3Checkpoint._load(optim_files[0])["optimizer_state_dict"]
     if optimizer_state.get("zero_stage") != 3:
-        return False
+        from .deepspeed_expert_parallel_zero12_reader import is_expert_parallel_zero12_checkpoint
+
+        return is_expert_parallel_zero12_checkpoint(checkpoint_dir)
     groups = optimizer_state.get("ds_zero_partition_groups") or []
     if any("autoep_expert" in group["families"] for group in groups):
         return True
@@ -188,7 +203,13 @@ def _whole_shape(saved: SavedZero3Checkpoint, name: str) -> "torch.Size":
 
 
 def _expert_parallel_unread_state_dict(checkpoint_dir: str, exclude_frozen_parameters: bool) -> dict:
-    return unread_state_dict(SavedZero3Checkpoint(checkpoint_dir), exclude_frozen_parameters)
+    """The state dict of an expert-parallel checkpoint (`is_expert_parallel_checkpoint`), by its ZeRO stage's
+    reader."""
+    if _rank_0_optimizer_state(checkpoint_dir).get("zero_stage") == 3:
+        return unread_state_dict(SavedZero3Checkpoint(checkpoint_dir), exclude_frozen_parameters)
+    from .deepspeed_expert_parallel_zero12_reader import SavedZero12Checkpoint, unread_zero12_state_dict
+
+    return unread_zero12_state_dict(SavedZero12Checkpoint(checkpoint_dir), exclude_frozen_parameters)
 
 
 def unread_state_dict(
@@ -269,7 +290,7 @@ def get_fp32_state_dict_from_zero_checkpoint(
             they were saved in (as DeepSpeed's reader returns them); a frozen parameter of an expert-parallel
             checkpoint with fewer elements than ranks is refused (`_frozen_whole_tensor`).
 
-    Checkpoints without expert parallelism (and ZeRO stages 1 and 2) are read by DeepSpeed's own function, unchanged.
+    Checkpoints without expert parallelism, at every ZeRO stage, are read by DeepSpeed's own function, unchanged.
     """
     from deepspeed.utils import zero_to_fp32
 
@@ -369,7 +390,7 @@ def convert_zero_checkpoint_to_state_dict(
     with an index; `None`: one file), one shard in memory at a time. `zero_to_torch.py`, which DeepSpeed copies into
     each checkpoint folder beside `zero_to_fp32.py`, calls it through the fork's `zero_to_fp32.py`.
 
-    Checkpoints without expert parallelism (and ZeRO stages 1 and 2) go to DeepSpeed's own function: the files are
+    Checkpoints without expert parallelism, at every ZeRO stage, go to DeepSpeed's own function: the files are
     DeepSpeed's, byte for byte.
     """
     tag_dir = _existing_tag_dir(checkpoint_dir, tag)

@@ -29,8 +29,10 @@ one of the fork's `save_pretrained` under ZeRO-3 (`deepspeed_expert_parallel_sav
 is killed leaves nothing that loads.
 
 ZeRO-3 checkpoints, with expert parallelism or without, are read by the fork's reader
-(`deepspeed_expert_parallel_reshard.SavedZero3Checkpoint`). Checkpoints of ZeRO stages 1 and 2 are read whole by
-DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`, then written the same way (not streamed).
+(`deepspeed_expert_parallel_reshard.SavedZero3Checkpoint`), stage-1/2 checkpoints of expert-parallel models by its
+stage-1/2 reader (`deepspeed_expert_parallel_zero12_reader.SavedZero12Checkpoint`). Other checkpoints of ZeRO stages 1
+and 2 are read whole by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`, then written the same way (not
+streamed).
 """
 
 import argparse
@@ -48,6 +50,11 @@ from .deepspeed_expert_parallel_checkpoint import (
     unread_state_dict,
 )
 from .deepspeed_expert_parallel_reshard import SavedZero3Checkpoint, _checkpoint_files
+from .deepspeed_expert_parallel_zero12_reader import (
+    SavedZero12Checkpoint,
+    is_expert_parallel_zero12_checkpoint,
+    unread_zero12_state_dict,
+)
 
 
 if is_torch_available():
@@ -164,7 +171,8 @@ def _read_as(value, dtype):
 def _unread_checkpoint(tag_dir: str):
     """
     The checkpoint's tensors under the model's names, each read when it is written (`Unread`), and the files they are
-    read from (memory-mapped). ZeRO stages 1 and 2: DeepSpeed's reader, whole, in memory.
+    read from (memory-mapped). ZeRO stages 1 and 2 of expert-parallel models: the fork's reader of their MoE layout;
+    of other models: DeepSpeed's reader, whole, in memory.
     """
     stage = _zero_stage(tag_dir)
     if stage == 3:
@@ -173,6 +181,9 @@ def _unread_checkpoint(tag_dir: str):
         expert_parallel = holds_expert_partitions(saved)
         unread = unread_state_dict(saved, exclude_frozen_parameters=False, expert_parallel=expert_parallel)
         return unread, files
+    if is_expert_parallel_zero12_checkpoint(tag_dir):
+        saved = SavedZero12Checkpoint(tag_dir)
+        return unread_zero12_state_dict(saved, exclude_frozen_parameters=False), saved.files()
     from deepspeed.utils import zero_to_fp32
 
     logger.warning(

@@ -13,7 +13,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-The `zero_to_fp32.py` of DeepSpeed checkpoints written by expert-parallel models (transformers' EP + DeepSpeed ZeRO-3
+The `zero_to_fp32.py` of DeepSpeed checkpoints written by expert-parallel models (transformers' EP + DeepSpeed ZeRO
 fork), in place of DeepSpeed's: the fp32 weights of the checkpoint, every expert, in one process, without GPUs.
 
     python zero_to_fp32.py . output_dir/
@@ -21,9 +21,11 @@ fork), in place of DeepSpeed's: the fp32 weights of the checkpoint, every expert
 
 The command line and the files written are DeepSpeed's (`pytorch_model.bin`, or `model.safetensors`, sharded over
 `--max_shard_size` with an index). DeepSpeed's script assumes every ZeRO-3 parameter was partitioned over all ranks,
-which the experts were not (over their expert-data-parallel group): it stops with "consumed N numels out of M". This
-one runs the fork's reader (`transformers.integrations.deepspeed_expert_parallel_checkpoint`), which hands
-checkpoints without expert parallelism to DeepSpeed's own functions: their output is DeepSpeed's, byte for byte.
+which the experts were not (over their expert-data-parallel group): it stops with "consumed N numels out of M". Under
+ZeRO stages 1 and 2 it takes the per-expert files of DeepSpeed's MoE layout for model states and stops with "is not a
+model state checkpoint". This one runs the fork's reader
+(`transformers.integrations.deepspeed_expert_parallel_checkpoint`), which hands checkpoints without expert parallelism
+to DeepSpeed's own functions: their output is DeepSpeed's, byte for byte.
 
 It needs the fork's transformers (and DeepSpeed, whose objects the checkpoint files hold); without them it says so.
 DeepSpeed's `zero_to_torch.py` beside it imports it as `zero_to_fp32` (`--dtype bf16`, ...): the functions it calls are
@@ -46,7 +48,7 @@ debug = 0
 OUTPUT_DTYPE_NAMES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 
 _MISSING = (
-    "This checkpoint was written by an expert-parallel model under DeepSpeed ZeRO-3 (the EP + DeepSpeed fork of "
+    "This checkpoint was written by an expert-parallel model under DeepSpeed ZeRO (the EP + DeepSpeed fork of "
     "transformers): its experts were partitioned over expert-data-parallel groups, which DeepSpeed's own zero_to_fp32 "
     "cannot read. Converting it needs that fork of transformers (a version ending in `+ep.N`) and deepspeed in this "
     "Python environment: install the fork as you did for training (e.g. `pip install <the fork's checkout or wheel>` "
