@@ -43,7 +43,8 @@ help:
 	@echo "make bench-load-dense  2-rank CPU dense ZeRO-3 load: shard-on-read vs upstream ZeRO-3 path vs no DeepSpeed"
 	@echo "make bench-save  2/4-rank CPU save, per-expert + fused layouts: EP + ZeRO-3 save_pretrained vs one process (BENCH_ARGS=\"--nproc 2\")"
 	@echo "make bench-export  offline export of a 2-rank EP ZeRO-3 checkpoint to an HF checkpoint: peak memory at 2 model sizes"
-	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...)"
+	@echo "make sweep-families  EP + ZeRO-3 load/train/save parity of every MoE family in the sweep (FAMILIES=...;"
+	@echo "                     SWEEP_STAGE=2: under ZeRO-2)"
 	@echo "make bench-train 2-rank CPU training benchmark: EP + ZeRO-3/2/1 vs ZeRO-3/2 without EP vs DeepSpeed AutoEP + ZeRO-3/2"
 	@echo "                 (BENCH_ARGS=\"--variants D B C\": the ZeRO-3 ones only; \"--stages 2\"; \"--repeats 5\")"
 	@echo "make plan-memory ARGS=\"<model or config> --world-size W --ep-size P [--stage S] [--gpu-memory GiB] ...\"  per-rank memory of EP + ZeRO-1/2/3, which stages fit (no weights read)"
@@ -171,7 +172,7 @@ bench-load-dense: install
 FAMILIES ?=
 sweep-families: install
 	$(PATCHQ) assemble --quiet
-	OMP_NUM_THREADS=1 $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
+	OMP_NUM_THREADS=1 SWEEP_STAGE=$(or $(SWEEP_STAGE),3) $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
 
 # Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 7 variants x 3 interleaved repeats, about 10 min:
 # EP + ZeRO-3 (D), ZeRO-3 without EP (B), AutoEP + ZeRO-3 (C), and (issue 24) EP + ZeRO-2 (D2) and ZeRO-1 (D1), the

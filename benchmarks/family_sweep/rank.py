@@ -1,6 +1,6 @@
-"""Rank side of the family sweep (accelerate launch, DeepSpeed ZeRO-3, 2 CPU ranks): load with EP 2, report what
-this rank holds, `deepspeed.initialize` with SGD, train 2 steps on this rank's own rows, `save_pretrained` on every
-rank. The record is saved after every phase, so a failing phase still reports what came before."""
+"""Rank side of the family sweep (accelerate launch, DeepSpeed ZeRO-3 or `--stage` 2, 2 CPU ranks): load with EP 2,
+report what this rank holds, `deepspeed.initialize` with SGD, train 2 steps on this rank's own rows, `save_pretrained`
+on every rank. The record is saved after every phase, so a failing phase still reports what came before."""
 
 import argparse
 import traceback
@@ -21,11 +21,12 @@ def rows(vocab_size, step):
     return data[rank() * MICRO_BATCH : (rank() + 1) * MICRO_BATCH]
 
 
-def ds_config():
+def ds_config(stage: int):
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default: off, so the 2 SGD steps move the weights more
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--max-shard-size", default="50GB")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=3, help="the launch config's ZeRO stage")
     args = parser.parse_args()
 
     accelerator = start_accelerator()  # noqa: F841  (registers the DeepSpeed ZeRO-3 config: keep it alive)
@@ -77,7 +79,7 @@ def main():
     try:
         model.train()
         engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr), config=ds_config()
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr), config=ds_config(args.stage)
         )
         record["clip"] = engine.gradient_clipping()
         record["engine_config"] = {"clip": engine.gradient_clipping(), "mb": engine.train_micro_batch_size_per_gpu(),

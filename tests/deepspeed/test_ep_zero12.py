@@ -215,8 +215,8 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
     in DeepSpeed's MoE layout (one file per expert, by its global index; rank 0's model states without the experts; an
     optimizer file per rank) by `engine.save_checkpoint`, `accelerator.save_state` and the Trainer, and resumed on the
     same topology: right after the load every rank holds exactly the weights and Adam moments the saving run ended
-    with, and the resumed run is at parity with one uninterrupted process. Another number of ranks is refused on every
-    rank; a ZeRO-3 checkpoint resumes on any. Negative control: two experts' files swapped, the load fails on every rank.
+    with, and the resumed run is at parity with one uninterrupted process. On another topology or stage (4 ranks, ZeRO-3
+    without EP; a ZeRO-3 checkpoint at stage 2) the same, read as whole tensors. Negative control: two experts' files swapped, the load fails on every rank.
     """
 
     tmp_prefix = "ep-zero12-resume-"
@@ -250,10 +250,10 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
         model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
         self.assertFalse([key for key in model_states["module"] if ".experts." in key])
 
-    def test_engine_checkpoint_resumes_on_the_same_topology_and_swapped_experts_fail_on_every_rank(self):
+    def test_engine_checkpoint_resumes_here_and_on_4_ranks_and_swapped_experts_fail_on_every_rank(self):
         """Stage 2, `engine.save_checkpoint` / `engine.load_checkpoint`; then the same resume from a copy with two
-        experts' files swapped (negative control: raised on every rank, none left waiting); then on 4 ranks, refused
-        on every rank."""
+        experts' files swapped (negative control: raised on every rank, none left waiting); then on 4 ranks (EP 2 x
+        expert-data-parallel 2), loaded as whole tensors."""
         saved = self.zero12_hop("s2-hop0", 2)
         final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
         self.assert_deepspeed_moe_layout(self.tag_dir("s2-hop0"), final)
@@ -274,11 +274,11 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
             self.assertRegex(report.get("resume_error", ""), "Loading the checkpoint failed on rank.s. .0.|Missing key",
                              f"rank {rank}")
 
-        refused = self.zero12_hop("refused", 2, nproc=4, resume_from="s2-hop0", first_step=STEPS_PER_HOP,
-                                  extra=["--resume-with", "deepspeed"])
-        for rank, report in refused.items():
-            self.assertRegex(report.get("resume_error", ""), "NotImplementedError: .*written on 2 ranks, not 4.*"
-                             "same number of ranks and EP size", f"rank {rank}")
+        # Another topology: 4 ranks (EP 2 x expert-data-parallel 2), read as whole tensors
+        elsewhere = self.zero12_hop("s2-4ranks", 2, nproc=4, resume_from="s2-hop0", first_step=STEPS_PER_HOP,
+                                    extra=["--resume-with", "deepspeed"])
+        self.assert_loaded_exactly(elsewhere, 2, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(elsewhere, 2, 2 * STEPS_PER_HOP)
 
     def test_zero3_checkpoint_resumes_at_stage_2_on_another_topology(self):
         """A ZeRO-3 checkpoint (2 ranks, EP 2) resumed at stage 2 on 4 ranks (EP 2 x expert-data-parallel 2) with
@@ -287,6 +287,20 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
         final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
         resumed = self.zero12_hop("z3-to-s2-4ranks", 2, nproc=4, resume_from="z3-hop0", first_step=STEPS_PER_HOP,
                                   extra=["--resume-with", "deepspeed"])
+        self.assert_loaded_exactly(resumed, 2, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
+
+    def test_stage_2_checkpoint_resumes_under_zero3_without_and_with_ep(self):
+        """A stage-2 checkpoint of EP 2 (2 ranks) resumed under ZeRO-3 without EP with `load_checkpoint_on_new_topology`
+        and with EP 2 with `engine.load_checkpoint` (read with `SavedZero12Checkpoint`), exactly, then at parity."""
+        saved = self.zero12_hop("s2-for-zero3", 2)
+        final = self.assert_at_parity_with_one_process(saved, 2, STEPS_PER_HOP)
+        resumed = self.hop("s2-to-zero3-no-ep", 2, 1, resume_from="s2-for-zero3", first_step=STEPS_PER_HOP)
+        self.assert_loaded_exactly(resumed, 1, final, STEPS_PER_HOP)
+        self.assert_at_parity_with_one_process(resumed, 1, 2 * STEPS_PER_HOP)
+        # and under ZeRO-3 with EP 2 through DeepSpeed's own `engine.load_checkpoint` (the fork's wrap reshards)
+        resumed = self.hop("s2-to-zero3-ep2", 2, 2, resume_from="s2-for-zero3", first_step=STEPS_PER_HOP,
+                           extra=["--resume-with", "deepspeed"])
         self.assert_loaded_exactly(resumed, 2, final, STEPS_PER_HOP)
         self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
 

@@ -242,6 +242,10 @@ class SavedZero3Checkpoint:
         partitions = [partition for group in groups for partition in self._partitions(name, group, key)]
         return torch.cat(partitions).view(sum(shape[0] for shape in shapes), *shapes[0][1:])
 
+    def trained_names(self) -> list[str]:
+        """The parameters the optimizer held (the stage-1/2 reader, `SavedZero12Checkpoint`, has the same)."""
+        return list(self.groups)
+
     def client_state(self) -> dict:
         """What `save_checkpoint(client_state=...)` was given, as `load_checkpoint` returns it."""
         return {k: v for k, v in self.model_states[0].items() if k not in _DEEPSPEED_MODEL_STATE_KEYS}
@@ -285,8 +289,9 @@ def _trained_parameters(engine) -> dict[str, "torch.nn.Parameter"]:
     return {name: param for name, param in engine.module.named_parameters() if param.requires_grad}
 
 
-def _check_same_parameters(saved: SavedZero3Checkpoint, params: dict):
-    missing, unexpected = sorted(set(params) - set(saved.groups)), sorted(set(saved.groups) - set(params))
+def _check_same_parameters(saved, params: dict):
+    trained = set(saved.trained_names())
+    missing, unexpected = sorted(set(params) - trained), sorted(trained - set(params))
     if missing or unexpected:
         raise ValueError(
             f"{saved.checkpoint_dir} is not a checkpoint of this model: parameters missing from it {missing[:5]}, "
@@ -336,14 +341,45 @@ def _load_optimizer_step_and_hyperparameters(engine, saved: SavedZero3Checkpoint
         for flat in zero_optimizer.fp32_partitioned_groups_flat:
             state = optimizer.state[flat]
             state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state.get("step")) else step
-    saved_groups = saved.optimizer_hyperparameters()
-    if len(saved_groups) != len(optimizer.param_groups):
+    apply_saved_hyperparameters(optimizer, saved)
+
+
+# Keys of a param group that say which group it is (DeepSpeed's MoE split names its groups), not how it optimizes
+_GROUP_IDENTITY_KEYS = frozenset({"params", "name", "moe"})
+
+
+def apply_saved_hyperparameters(optimizer, saved):
+    """
+    The checkpoint's lr, betas, ... onto the torch optimizer's param groups: group by group when it has as many, else
+    the one setting all of its groups share. ZeRO stages 1 and 2 split an expert-parallel model's groups into dense
+    and MoE groups of the same settings, ZeRO-3 does not: a resume across stages meets another number of groups.
+    """
+    saved_groups = [
+        {key: value for key, value in group.items() if key not in _GROUP_IDENTITY_KEYS}
+        for group in saved.optimizer_hyperparameters()
+    ]
+    if len(saved_groups) == len(optimizer.param_groups):
+        for group, saved_group in zip(optimizer.param_groups, saved_groups):
+            group.update(saved_group)
+    elif all(group == saved_groups[0] for group in saved_groups):
+        for group in optimizer.param_groups:
+            group.update(saved_groups[0])
+    else:
         raise ValueError(
-            f"{saved.checkpoint_dir} has {len(saved_groups)} optimizer param groups, this optimizer "
-            f"{len(optimizer.param_groups)}: build the optimizer with the same param groups as the run that saved it."
+            f"{saved.checkpoint_dir} has {len(saved_groups)} optimizer param groups of different settings, this "
+            f"optimizer {len(optimizer.param_groups)}: build the optimizer with the same param groups as the run that "
+            "saved it."
         )
-    for group, saved_group in zip(optimizer.param_groups, saved_groups):
-        group.update(saved_group)
+
+
+def read_checkpoint(checkpoint_dir: str):
+    """The reader of the DeepSpeed checkpoint in `checkpoint_dir` as whole tensors: `SavedZero12Checkpoint` for one
+    of ZeRO stage 1 or 2 of an expert-parallel model, else `SavedZero3Checkpoint`."""
+    from .deepspeed_expert_parallel_zero12_reader import SavedZero12Checkpoint, is_expert_parallel_zero12_checkpoint
+
+    if is_expert_parallel_zero12_checkpoint(checkpoint_dir):
+        return SavedZero12Checkpoint(checkpoint_dir)
+    return SavedZero3Checkpoint(checkpoint_dir)
 
 
 def _load_engine_counters(engine, saved: SavedZero3Checkpoint, load_lr_scheduler_states: bool):
@@ -409,7 +445,7 @@ def load_checkpoint_on_new_topology(
     with errors_raised_on_every_rank("Loading the checkpoint on a new topology"):
         _check_engine_supported(engine)
         checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
-        saved = SavedZero3Checkpoint(checkpoint_dir)
+        saved = read_checkpoint(checkpoint_dir)
         with torch.no_grad():
             _load_parameters(engine, saved, load_optimizer_states)
         if load_optimizer_states:
@@ -655,14 +691,18 @@ def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_l
     dist.all_gather_object(found, checkpoint_dir is not None)
     problem = topology_problem(engine, checkpoint_dir) if all(found) else None
     if problem is not None:
-        zero3 = [None] * dist.get_world_size()
-        dist.all_gather_object(zero3, bool(_checkpoint_files(checkpoint_dir, "model")))
-        if not all(zero3):
+        from .deepspeed_expert_parallel_zero12_reader import is_expert_parallel_zero12_checkpoint
+
+        readable = [None] * dist.get_world_size()
+        dist.all_gather_object(readable, bool(_checkpoint_files(checkpoint_dir, "model"))
+                               or is_expert_parallel_zero12_checkpoint(checkpoint_dir))
+        if not all(readable):
             raise other_topology_error(engine, checkpoint_dir, problem)
         client_state = None
-        with errors_raised_on_every_rank("Loading the ZeRO-3 checkpoint"):
-            saved = SavedZero3Checkpoint(checkpoint_dir)
-            logger.info(f"{checkpoint_dir} is a ZeRO-3 checkpoint ({saved.topology()}): loading it as whole tensors.")
+        with errors_raised_on_every_rank("Loading the checkpoint on a new topology"):
+            saved = read_checkpoint(checkpoint_dir)
+            logger.info(f"{checkpoint_dir} was saved on another topology ({saved.topology()}): loading it as whole "
+                        "tensors.")
             load_whole_tensors(engine, saved, load_optimizer_states, load_lr_scheduler_states)
             client_state = saved.client_state()
         return checkpoint_dir, client_state

@@ -32,9 +32,9 @@ hand-over (`prepare_expert_parallel_model_for_deepspeed`) makes transformers' ex
   first rank of each expert-data-parallel group. DeepSpeed expects one module per expert; transformers' experts
   modules hold them stacked (`gate_up_proj[E/P, ...]`): while DeepSpeed saves, their state dict shows expert `j` as
   `deepspeed_moe.experts.deepspeed_experts.<j>.gate_up_proj` (`experts_presented_one_by_one`), and at load the
-  experts DeepSpeed reads back are stacked again (`_stack_experts_back`). Resuming on another number of ranks or EP
-  size is refused, on every rank (`topology_problem`); a ZeRO-3 checkpoint of any topology is loaded as whole tensors
-  (`load_whole_tensors`).
+  experts DeepSpeed reads back are stacked again (`_stack_experts_back`). A checkpoint of another topology or stage
+  (`topology_problem`) is loaded as whole tensors (`load_whole_tensors`): ZeRO-3 checkpoints, and stage-1/2 ones of
+  expert-parallel models (`SavedZero12Checkpoint`); the ZeRO-3 resharder reads the latter too.
 - `engine.save_16bit_model` writes every expert (`_gather_experts_in_16bit_saves`), and so do accelerate's
   `get_state_dict` and `save_model` (`_gather_experts_in_accelerates_state_dict`), as under ZeRO-3.
 """
@@ -305,9 +305,9 @@ def topology_problem(engine, checkpoint_dir: str) -> str | None:
 def other_topology_error(engine, checkpoint_dir: str, problem: str) -> NotImplementedError:
     return NotImplementedError(
         f"Cannot resume the expert-parallel model under ZeRO stage {expert_parallel_zero_stage(engine.module)} from "
-        f"{checkpoint_dir}: {problem}. Under ZeRO stages 1 and 2 a DeepSpeed checkpoint of stage 1 or 2 resumes on "
-        "the same number of ranks and EP size it was written on, and one of ZeRO-3 on any; to go on elsewhere, save "
-        "the model with `save_pretrained` and load it there (the optimizer state starts anew)."
+        f"{checkpoint_dir}: {problem}, and it is neither a ZeRO-3 checkpoint nor one of ZeRO stage 1 or 2 of an "
+        "expert-parallel model, which resume on any topology. Save the model with `save_pretrained` and load it here "
+        "(the optimizer state starts anew)."
     )
 
 
@@ -322,37 +322,25 @@ def _create_adam_states(zero_optimizer):
 
 
 def _load_optimizer_step_and_hyperparameters(zero_optimizer, saved):
-    """The step count of every flat partition (Adam's bias correction), and lr, betas, ... of the param groups: group
-    by group when the checkpoint has as many groups, else the one setting all of its groups share (a ZeRO-3 run keeps
-    the experts in the groups they came from, stages 1 and 2 split them into MoE groups of the same settings)."""
+    """The step count of every flat partition (Adam's bias correction), and lr, betas, ... of the param groups
+    (`apply_saved_hyperparameters`: a checkpoint of another stage may have another number of groups)."""
+    from .deepspeed_expert_parallel_reshard import apply_saved_hyperparameters
+
     optimizer = zero_optimizer.optimizer
     step = saved.step
     if step is not None:
         for flat in zero_optimizer.single_partition_of_fp32_groups:
             state = optimizer.state[flat]
             state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state["step"]) else step
-    own_keys = {"params", "name", "moe"}
-    saved_groups = [{k: v for k, v in g.items() if k not in own_keys} for g in saved.optimizer_hyperparameters()]
-    if len(saved_groups) == len(optimizer.param_groups):
-        for group, saved_group in zip(optimizer.param_groups, saved_groups):
-            group.update(saved_group)
-    elif all(group == saved_groups[0] for group in saved_groups):
-        for group in optimizer.param_groups:
-            group.update(saved_groups[0])
-    else:
-        raise ValueError(
-            f"{saved.checkpoint_dir} has {len(saved_groups)} optimizer param groups of different settings, this "
-            f"optimizer {len(optimizer.param_groups)}: build the optimizer with the same param groups as the run that "
-            "saved it."
-        )
+    apply_saved_hyperparameters(optimizer, saved)
 
 
 def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True):
     """
-    Load a checkpoint read as whole tensors (`saved`: `SavedZero3Checkpoint`, any number of ranks and EP size) into a
-    stage-1/2 engine of an expert-parallel model: each trained parameter (this rank's experts of an expert tensor, a
-    dense one whole) from the checkpoint's fp32 master weights, into the model and the fp32 master partition this rank
-    holds; with `load_optimizer_states`, Adam's moments, its step count and hyperparameters; the engine's counters and
+    Load a checkpoint read as whole tensors (`saved`: `SavedZero3Checkpoint` or `SavedZero12Checkpoint`, any number of
+    ranks and EP size) into a stage-1/2 engine of an expert-parallel model: each trained parameter (this rank's experts
+    of an expert tensor, a dense one whole) from the checkpoint's fp32 master weights, into the model and the fp32
+    master partition this rank holds; with `load_optimizer_states`, Adam's moments, its step count and hyperparameters; the engine's counters and
     with `load_lr_scheduler_states` DeepSpeed's scheduler. Through DeepSpeed's public `safe_set_full_*` setters, which
     at stages 1 and 2 write this rank's fragment of the value. Every rank must call it.
     """

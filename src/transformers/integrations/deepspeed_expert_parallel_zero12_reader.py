@@ -331,6 +331,17 @@ class SavedZero12Checkpoint:
             raise ValueError(f"The groups of {self.checkpoint_dir} were saved at the steps {sorted(steps)}.")
         return steps.pop() if steps else None
 
+    def optimizer_hyperparameters(self) -> list[dict]:
+        """The torch optimizer's param groups without their parameters (lr, betas, eps, ...), as rank 0 saved them."""
+        groups = self.optimizer_states[0]["base_optimizer_state"]["param_groups"]
+        return [{key: value for key, value in group.items() if key != "params"} for group in groups]
+
+    def client_state(self) -> dict:
+        """What `save_checkpoint(client_state=...)` was given, as `load_checkpoint` returns it."""
+        from .deepspeed_expert_parallel_reshard import _DEEPSPEED_MODEL_STATE_KEYS
+
+        return {k: v for k, v in self.model_states[0].items() if k not in _DEEPSPEED_MODEL_STATE_KEYS}
+
     def topology(self) -> str:
         ep_sizes = sorted({group.ep_size for group in self.groups if group.ep_size > 1})
         stage = int(self.optimizer_states[0]["zero_stage"])
