@@ -1,13 +1,17 @@
-"""Prototype (issue 24): expert parallelism under DeepSpeed ZeRO stages 1 and 2.
+"""Expert parallelism under DeepSpeed ZeRO stages 1 and 2 (issue 24; opt-in: `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`).
 
-2 CPU ranks under torchrun, tiny Qwen3-MoE loaded with `DistributedConfig(ep_size=2)` under a ZeRO stage 1 or 2 config
-(the prototype switched on with `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`), `deepspeed.initialize` with a torch AdamW of one
-group, which `deepspeed.initialize` splits into dense and expert groups (the fork's hand-over), and the `Trainer`:
-3 steps at parity with one process on the same global batches (ep_reshard's batches; the losses, the gradient norms,
-and the weights within the noise floor of `test_ep_zero3_reshard`). Negative control: the expert tags removed before
-`deepspeed.initialize` land off the reference. Also with the optimizer offloaded to the CPU (the torch AdamW as
-given), and with gradient accumulation 2 at stage 2, after which `save_pretrained` on every rank reloads in one process
-to exactly the trained weights.
+`EPZero12Test`: 2 CPU ranks under torchrun, tiny Qwen3-MoE loaded with `DistributedConfig(ep_size=2)` under a
+ZeRO stage 1 or 2 config, `deepspeed.initialize` with a torch AdamW of one group, which `deepspeed.initialize` splits
+into dense and expert groups (the fork's hand-over), and the `Trainer`: 3 steps at parity with one process on the same
+global batches (ep_reshard's batches; the losses, the gradient norms, the weights and Adam's moments within the noise
+floor of `test_ep_zero3_reshard`). Negative control: the expert tags removed before `deepspeed.initialize` land off the
+reference. Also with the optimizer offloaded to the CPU (the torch AdamW as given; DeepSpeed's CPU Adam in `make
+test-cpu-adam`), with gradient accumulation 2 at stage 2, after which `save_pretrained` on every rank and
+`engine.save_16bit_model` reload in one process to exactly the trained weights and `generate` out of step across the
+ranks equals one process's; an LR scheduler built before `deepspeed.initialize` is refused on every rank.
+`EPZero12ResumeTest`: DeepSpeed checkpoints at stages 1 and 2 and resuming, on the same and other topologies and
+stages. `EPZero12TrainTest`: test_ep_zero3_train's comparison for Mixtral, 4 ranks (EP 2 x expert-data-parallel 2) and
+bf16 (against the same run without EP).
 """
 
 import os
@@ -67,7 +71,7 @@ def reference_grad_norms(checkpoint, steps: int) -> list[float]:
 
 
 @pytest.mark.multiprocess
-class EPZero12PrototypeTest(unittest.TestCase):
+class EPZero12Test(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp(prefix="ep-zero12-"))
@@ -216,7 +220,8 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
     optimizer file per rank) by `engine.save_checkpoint`, `accelerator.save_state` and the Trainer, and resumed on the
     same topology: right after the load every rank holds exactly the weights and Adam moments the saving run ended
     with, and the resumed run is at parity with one uninterrupted process. On another topology or stage (4 ranks, ZeRO-3
-    without EP; a ZeRO-3 checkpoint at stage 2) the same, read as whole tensors. Negative control: two experts' files swapped, the load fails on every rank.
+    without EP; a ZeRO-3 checkpoint at stage 2) the same, read as whole tensors. Negative control: two experts' files
+    swapped, the load fails on every rank.
     """
 
     tmp_prefix = "ep-zero12-resume-"
@@ -350,7 +355,9 @@ class EPZero12TrainTest(TrainChecks, unittest.TestCase):
                 other = results[rank + 1 if rank % ep_size == 0 else rank - 1]["final"][name]
                 self.assertFalse(torch.equal(report["final"][name], other), f"{name}: rank {rank} and another EP rank")
 
-    @parameterized.expand([("mixtral_stage_1_2_ranks", "mixtral", 1, 2), ("qwen3_moe_stage_2_4_ranks", "qwen3_moe_8", 2, 4)])
+    @parameterized.expand([
+        ("mixtral_stage_1_2_ranks", "mixtral", 1, 2), ("qwen3_moe_stage_2_4_ranks", "qwen3_moe_8", 2, 4),
+    ])
     def test_deepspeed_initialize_matches_single_process(self, _name, checkpoint, stage, nproc):
         results = self.run_training(checkpoint, "deepspeed", "adamw", nproc=nproc, extra=["--stage", stage],
                                     env=PROTOTYPE_ENV)

@@ -106,8 +106,8 @@ def registered_zero_stage() -> int | None:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def is_expert_parallel_zero12_prototype_enabled() -> bool:
-    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 and the stage-1/2 prototype is switched on."""
+def is_expert_parallel_zero12_enabled() -> bool:
+    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 and EP at these stages is switched on."""
     return os.environ.get(EP_ZERO12_PROTOTYPE_ENV) == "1" and registered_zero_stage() in (1, 2)
 
 
@@ -135,7 +135,7 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     if model_or_distributed_config is None:
         return False
     if isinstance(model_or_distributed_config, DistributedConfig):
-        under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_prototype_enabled()
+        under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_enabled()
         return under_deepspeed and model_or_distributed_config.ep_size > 1
     return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
 
@@ -232,7 +232,7 @@ def check_expert_parallel_deepspeed_support(distributed_config):
     if ds_config is None or distributed_config.ep_size <= 1:
         return
     prefix = "Expert parallelism (`DistributedConfig(ep_size > 1)`) under DeepSpeed"
-    if not is_deepspeed_zero3_enabled() and not is_expert_parallel_zero12_prototype_enabled():
+    if not is_deepspeed_zero3_enabled() and not is_expert_parallel_zero12_enabled():
         raise NotImplementedError(
             f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}. "
             f"Stages 1 and 2 are opt-in while they are completed: set {EP_ZERO12_PROTOTYPE_ENV}=1 to use them "

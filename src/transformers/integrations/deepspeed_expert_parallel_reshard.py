@@ -677,8 +677,9 @@ def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_l
     An expert-parallel engine under ZeRO stage 1 or 2: DeepSpeed's loader (the experts from DeepSpeed's per-expert
     files, see `deepspeed_expert_parallel_zero12`) when every rank found the checkpoint written on this topology
     (`topology_problem`), its errors raised on every rank, then the optimizer state of every group linked to the
-    parameters again, which DeepSpeed's load unlinks. A ZeRO-3 checkpoint of any topology is loaded as whole tensors
-    (`load_whole_tensors`); a stage-1/2 one of another topology is refused on every rank.
+    parameters again, which DeepSpeed's load unlinks. A checkpoint of another topology or stage is loaded as whole
+    tensors (`load_whole_tensors`) when the fork can read it (ZeRO-3, or stage 1/2 of an expert-parallel model), and
+    refused on every rank otherwise.
     """
     import torch.distributed as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -693,9 +694,15 @@ def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_l
     if problem is not None:
         from .deepspeed_expert_parallel_zero12_reader import is_expert_parallel_zero12_checkpoint
 
+        try:
+            readable_here = bool(_checkpoint_files(checkpoint_dir, "model")) or is_expert_parallel_zero12_checkpoint(
+                checkpoint_dir
+            )
+        except Exception as e:  # noqa: BLE001 (answered as unreadable on every rank, not raised before the collective)
+            logger.warning(f"Reading {checkpoint_dir} failed: {type(e).__name__}: {e}")
+            readable_here = False
         readable = [None] * dist.get_world_size()
-        dist.all_gather_object(readable, bool(_checkpoint_files(checkpoint_dir, "model"))
-                               or is_expert_parallel_zero12_checkpoint(checkpoint_dir))
+        dist.all_gather_object(readable, readable_here)
         if not all(readable):
             raise other_topology_error(engine, checkpoint_dir, problem)
         client_state = None

@@ -340,9 +340,10 @@ def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_l
     Load a checkpoint read as whole tensors (`saved`: `SavedZero3Checkpoint` or `SavedZero12Checkpoint`, any number of
     ranks and EP size) into a stage-1/2 engine of an expert-parallel model: each trained parameter (this rank's experts
     of an expert tensor, a dense one whole) from the checkpoint's fp32 master weights, into the model and the fp32
-    master partition this rank holds; with `load_optimizer_states`, Adam's moments, its step count and hyperparameters; the engine's counters and
-    with `load_lr_scheduler_states` DeepSpeed's scheduler. Through DeepSpeed's public `safe_set_full_*` setters, which
-    at stages 1 and 2 write this rank's fragment of the value. Every rank must call it.
+    master partition this rank holds; with `load_optimizer_states`, Adam's moments, its step count and
+    hyperparameters; the engine's counters and with `load_lr_scheduler_states` DeepSpeed's scheduler. Through
+    DeepSpeed's public `safe_set_full_*` setters, which at stages 1 and 2 write this rank's fragment of the value.
+    Every rank must call it.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

@@ -1,6 +1,6 @@
-"""Rank side of the EP under ZeRO stages 1 and 2 prototype (issue 24): load a tiny MoE with
-``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first, the
-prototype switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW of one
+"""Rank side of EP under ZeRO stages 1 and 2 (issue 24, test_ep_zero12.py): load a tiny MoE with
+``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first, EP at
+these stages switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW of one
 parameter group (the fork's hand-over has ``deepspeed.initialize`` split it for the experts), train ``--steps`` steps
 on this rank's rows of each step's global batch (ep_reshard's batches), report losses, gradient norms, weights and Adam
 moments (experts: this rank's EP slice; moments DeepSpeed cannot gather are listed in ``moment_errors``).
@@ -37,9 +37,9 @@ def parse_args():
     parser.add_argument("--save-16bit", default=None, help="`engine.save_16bit_model` here after training")
     parser.add_argument("--generate", action="store_true",
                         help="after training: greedy `generate` on every rank, out of step (`generate_out_of_step`)")
-    parser.add_argument("--bf16", action="store_true", help="research: DeepSpeed bf16 (fp32 master weights)")
+    parser.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 (fp32 master weights)")
     parser.add_argument("--offload", action="store_true",
-                        help="research: offload_optimizer to the CPU, the torch optimizer as given")
+                        help="offload_optimizer to the CPU, the torch optimizer as given")
     parser.add_argument("--entry", choices=["deepspeed", "trainer"], default="deepspeed",
                         help="trainer: `Trainer`, `TrainingArguments(deepspeed=...)`, adamw_torch, ep_reshard's rows")
     parser.add_argument("--ds-optimizer", action="store_true", help="the config's AdamW, not a client one")
