@@ -5,14 +5,14 @@ the reader behind them (`deepspeed_expert_parallel_zero12_reader.SavedZero12Chec
 The ranks train a tiny Qwen3-MoE (4 experts per layer, EP 2) 3 AdamW steps with the rank script of the topology tests
 (scripts/ep_reshard.py, `--stage 1|2`, EP at these stages switched on) and save with `engine.save_checkpoint`:
 DeepSpeed's MoE layout, one file per expert, rank 0's model states without the experts, one optimizer file per rank.
-Read back, the fp32 weights equal bit for bit what the ranks ended with (their fp32 parameters; under bf16 the optimizer's fp32
-master weights, `safe_get_full_fp32_param`), every expert of every EP rank in place, frozen parameters (in no optimizer
-group) as loaded, in the dtype they trained in; Adam's moments too (`whole_tensor(name, "exp_avg")`). Cases: stage 2
-fp32 on 2 ranks (the script as a process, the export); stage 1 bf16 on 2 ranks with the embeddings and one expert
-tensor frozen; stage 2 on 4 ranks (EP 2 x expert-data-parallel 2: each EP rank's experts partitioned over 2 ranks) with
-layer 0's experts frozen. Negative controls: DeepSpeed's own reader stops on these checkpoints; the reader with its MoE
-groups joined over every rank (as DeepSpeed's merge joins them) refuses them; with the expert-data-parallel ranks
-taken in another order it reads experts that are not the trained ones.
+Read back, the fp32 weights equal bit for bit what the ranks ended with (their fp32 parameters; under bf16 the
+optimizer's fp32 master weights, `safe_get_full_fp32_param`), every expert of every EP rank in place, frozen parameters
+(in no optimizer group) as loaded, in the dtype they trained in; Adam's moments too (`whole_tensor(name, "exp_avg")`).
+Cases: stage 2 fp32 on 2 ranks (the script as a process, the export); stage 1 bf16 on 2 ranks with the embeddings and
+one expert tensor frozen; stage 2 on 4 ranks (EP 2 x expert-data-parallel 2: each EP rank's experts partitioned over 2
+ranks) with layer 0's experts frozen. Negative controls: DeepSpeed's own reader stops on these checkpoints; the reader
+with its MoE groups joined over every rank (as DeepSpeed's merge joins them) refuses them; with the
+expert-data-parallel ranks taken in another order it reads experts that are not the trained ones.
 """
 
 import os
