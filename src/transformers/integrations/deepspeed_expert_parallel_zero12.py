@@ -69,8 +69,9 @@ def expert_parallel_zero_stage(module) -> int | None:
 
 
 def _expert_parameter_names(experts) -> list[str]:
-    # The parameters the hand-over laid out (`expert_shard_layout`): the experts' own, E/P of them stacked on dim 0
-    return [name for name, param in experts.named_parameters(recurse=False) if hasattr(param, "expert_shard_layout")]
+    # The parameters the hand-over laid out (`expert_shard_layout`), E/P experts stacked on dim 0: the experts' own, and
+    # those of modules inside the experts module (Ergo's per-expert norm)
+    return [name for name, param in experts.named_parameters() if hasattr(param, "expert_shard_layout")]
 
 
 @functools.cache
@@ -103,7 +104,7 @@ def mark_experts_as_deepspeed_moe(experts, group_name: str):
             f"Expert parallelism under DeepSpeed ZeRO stage 1 or 2 needs experts modules that hold only the stacked "
             f"experts; {type(experts).__name__} also holds {others or 'no expert parameters'}."
         )
-    num_local_experts = getattr(experts, names[0]).shape[0]
+    num_local_experts = experts.get_parameter(names[0]).shape[0]
     experts.__class__ = _deepspeed_moe_class(type(experts))
     experts.expert_group_name = group_name
     experts.num_local_experts = num_local_experts
@@ -131,7 +132,8 @@ def _present_experts_one_by_one(module, state_dict, prefix, local_metadata):
 
 def _stack_experts_back(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     # What DeepSpeed's MoE checkpoint loader puts in the state dict, one key per local expert, stacked as the module
-    # holds them; a state dict missing some expert is left as it is (a strict load names the missing keys).
+    # holds them (before the modules inside it load theirs); a state dict missing some expert is left as it is (a
+    # strict load names the missing keys).
     for name in _expert_parameter_names(module):
         keys = [f"{prefix}{DEEPSPEED_EXPERTS_PREFIX}{j}.{name}" for j in range(module.num_local_experts)]
         if all(key in state_dict for key in keys):
