@@ -175,8 +175,8 @@ sweep-families: install
 	OMP_NUM_THREADS=1 SWEEP_STAGE=$(or $(SWEEP_STAGE),3) $(PY) -m benchmarks.family_sweep.run_sweep $(FAMILIES)
 
 # Training benchmark (benchmarks/train_ep_zero3.py): 2 CPU ranks, 7 variants x 3 interleaved repeats, about 10 min:
-# EP + ZeRO-3 (D), ZeRO-3 without EP (B), AutoEP + ZeRO-3 (C), and (issue 24) EP + ZeRO-2 (D2) and ZeRO-1 (D1), the
-# stage-1/2 prototype switched on in their ranks, ZeRO-2 without EP (B2), AutoEP + ZeRO-2 (C2); the memory planner's
+# EP + ZeRO-3 (D), ZeRO-3 without EP (B), AutoEP + ZeRO-3 (C), and (issue 24) EP + ZeRO-2 (D2) and ZeRO-1 (D1),
+# ZeRO-2 without EP (B2), AutoEP + ZeRO-2 (C2); the memory planner's
 # per-rank figures printed beside the measured ones; JSON in benchmarks/results/. BENCH_ARGS="--variants D B C" the
 # ZeRO-3 ones alone (about 4 min), "--stages 2" the ZeRO-2 ones, "--repeats 5" the docs' "Which ZeRO stage" run
 # (about 15 min); "--profile" adds a torch.profiler run of D, C, D2 and C2; "--nproc 4 --ep-size 2 --timeout 240"
@@ -194,7 +194,7 @@ plan-memory: install
 	$(PATCHQ) assemble --quiet
 	$(PY) -m transformers.integrations.deepspeed_expert_parallel_memory $(ARGS)
 
-# The planner's figures against measured CPU runs, 2 and 4 ranks, ZeRO-3 and (the stage-1/2 prototype) ZeRO-1/2 (CI
+# The planner's figures against measured CPU runs, 2 and 4 ranks, ZeRO-3 and ZeRO-1/2 (CI
 # runs the 2-rank EP 2 part only), about 8 min.
 check-memory-plan: install
 	$(PATCHQ) assemble --quiet

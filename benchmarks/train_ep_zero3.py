@@ -22,9 +22,8 @@ DeepSpeed ZeRO-3 (defaults plus `stage3_param_persistence_threshold: 0`) or ZeRO
                `--variants D M` (`make bench-expert-load`) prints the ratio of M's on-steps to its off-steps, in the
                same processes (what other load on the host does to both cancels out), against its goal (<= 1.02), and
                M/D over all steps.
-- `D2` EP + ZeRO-2: D's load and hand-over with ZeRO-2 registered, `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1` in the ranks'
-               environment (the stage-1/2 prototype, issue 24): the experts become DeepSpeed MoE layers, the client
-               AdamW is split into dense and expert groups inside `deepspeed.initialize`.
+- `D2` EP + ZeRO-2: D's load and hand-over with ZeRO-2 registered (issue 24): the experts become DeepSpeed MoE
+               layers, the client AdamW is split into dense and expert groups inside `deepspeed.initialize`.
 - `D1` EP + ZeRO-1: the same at stage 1.
 - `B2` ZeRO-2, no EP: a plain load with ZeRO-2 registered (every rank holds every expert; gradients and optimizer
                state partitioned over all ranks).
@@ -115,8 +114,8 @@ VARIANTS = {
     "B": "ZeRO-3, no EP (zero.Init)",
     "C": "DeepSpeed AutoEP + ZeRO-3",
     "M": "D + expert load metrics on every other step",
-    "D2": "EP + ZeRO-2 (ours, prototype)",
-    "D1": "EP + ZeRO-1 (ours, prototype)",
+    "D2": "EP + ZeRO-2 (ours)",
+    "D1": "EP + ZeRO-1 (ours)",
     "B2": "ZeRO-2, no EP",
     "C2": "DeepSpeed AutoEP + ZeRO-2",
 }
@@ -126,8 +125,6 @@ STAGES = {"D": 3, "B": 3, "C": 3, "M": 3, "D2": 2, "D1": 1, "B2": 2, "C2": 2}
 FORK_EP = ("D", "M", "D2", "D1")
 AUTOEP = ("C", "C2")
 DEFAULT_VARIANTS = ("D", "B", "C", "D2", "D1", "B2", "C2")
-# The stage-1/2 prototype's switch (issue 24), set in the ranks' environment of D1 and D2 only
-EP_ZERO12_PROTOTYPE_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 GOAL_STEP_D_OVER_B = 1.0  # strictly below
 GOAL_STEP_D_OVER_C = 1.0  # at most
 GOAL_STEP_M_OVER_D = 1.02  # at most: expert load metrics on vs off
@@ -774,7 +771,7 @@ def run_variant(variant: str, cli, profile: bool = False, repeat: int = 0):
     # M: metrics on the even steps in one repeat, the odd ones in the next (steps of one parity can be slower)
     args += ["--metrics-parity", str(repeat % 2)]
     load_before = os.getloadavg()[0]
-    env = {"OMP_NUM_THREADS": "1", **(EP_ZERO12_PROTOTYPE_ENV if variant in FORK_EP and STAGES[variant] < 3 else {})}
+    env = {"OMP_NUM_THREADS": "1"}
     outcome = launch(Path(__file__), args, nproc=cli.nproc, launcher="torchrun", timeout=cli.timeout, env=env)
     if not outcome.ok or len(outcome.ranks) != cli.nproc or any(o.result is None for o in outcome.ranks.values()):
         print(outcome.report(), flush=True)

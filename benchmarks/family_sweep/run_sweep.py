@@ -11,8 +11,8 @@ one process:
   and shapes of a plain single-process save_pretrained.
 
     make sweep-families [FAMILIES="gpt_oss deepseek_v3"]    (one launch at a time; details in family_sweep/results/)
-    make sweep-families SWEEP_STAGE=2    (under ZeRO-2, docs/configs/accelerate_deepspeed_zero2.yaml; EP at stages 1
-                                          and 2 is opt-in, switched on for the ranks; results in results-zero2/)
+    make sweep-families SWEEP_STAGE=2    (under ZeRO-2, docs/configs/accelerate_deepspeed_zero2.yaml; results in
+                                          results-zero2/)
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ HERE = Path(__file__).parent
 STAGE = int(os.environ.get("SWEEP_STAGE", "3"))
 RESULTS = HERE / ("results" if STAGE == 3 else f"results-zero{STAGE}")
 LAUNCH_CONFIG = CONFIG_DIR / ("accelerate_deepspeed_zero3.yaml" if STAGE == 3 else "accelerate_deepspeed_zero2.yaml")
-# EP under ZeRO stages 1 and 2 is opt-in (docs/ep_deepspeed.md, "ZeRO stages 1 and 2")
-LAUNCH_ENV = None if STAGE == 3 else {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 TIMEOUT = 150
 LR = 1e-2
 LOSS_RTOL = 1e-5
@@ -77,7 +75,7 @@ def run_family(family: str, tmp: Path) -> dict:
     shard_args = ["--max-shard-size", opts["max_shard_size"]] if "max_shard_size" in opts else []
     result = launch(HERE / "rank.py", ["--checkpoint", checkpoint, "--save-dir", saved, "--stage", STAGE, *shard_args],
                     nproc=2, launcher="accelerate", accelerate_config=LAUNCH_CONFIG, timeout=TIMEOUT,
-                    results_dir=launch_dir, env=LAUNCH_ENV)
+                    results_dir=launch_dir)
     out["launch"] = {"ok": result.ok, "timed_out": result.timed_out, "returncode": result.returncode,
                      "elapsed": round(result.elapsed, 1)}
     reports = result.results()

@@ -5,6 +5,8 @@ Launch (2 CPU processes; on GPUs drop nothing, the script picks NCCL when CUDA i
     accelerate launch --config_file docs/configs/accelerate_deepspeed_zero3.yaml --num_processes 2 \
         examples/ep_deepspeed/ep_zero3.py --model_path /path/to/moe_checkpoint --ep_size 2
 
+The same script runs under ZeRO-1 and ZeRO-2 (`--config_file docs/configs/accelerate_deepspeed_zero2.yaml`).
+
 Each rank loads only its experts: with E experts and `ep_size` P, rank r holds experts [r % P * E/P, ...). The script
 prints, per rank, which experts it holds and, given `--reference` (the model's state dict saved with safetensors, as
 the demo writes it), whether they equal the checkpoint's tensors. With `--train_steps N` it then trains N AdamW steps
@@ -107,7 +109,8 @@ def main():
     reference = load_file(args.reference) if args.reference else None
     ok = report_experts(model, reference, rank, ep_size)
     verdict = "" if reference is None else f": experts {'equal' if ok else 'DIFFER FROM'} the checkpoint"
-    print(f"[rank {rank}] loaded with EP {ep_size} under DeepSpeed ZeRO-3{verdict}", flush=True)
+    stage = accelerator.state.deepspeed_plugin.zero_stage
+    print(f"[rank {rank}] loaded with EP {ep_size} under DeepSpeed ZeRO-{stage}{verdict}", flush=True)
     if not ok:
         raise SystemExit(f"rank {rank}: expert tensors differ from the checkpoint")
     if args.train_steps:

@@ -1,4 +1,4 @@
-"""Expert parallelism under DeepSpeed ZeRO stages 1 and 2 (issue 24; opt-in: `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`).
+"""Expert parallelism under DeepSpeed ZeRO stages 1 and 2 (issue 24).
 
 `EPZero12Test`: 2 CPU ranks under torchrun, tiny Qwen3-MoE loaded with `DistributedConfig(ep_size=2)` under a
 ZeRO stage 1 or 2 config, `deepspeed.initialize` with a torch AdamW of one group, which `deepspeed.initialize` splits
@@ -47,7 +47,6 @@ TIMEOUT = 240
 STEPS = 3
 GLOBAL_BATCH = 4  # train_reference's
 LR = 1e-2  # train_reference's
-PROTOTYPE_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 # DeepSpeed's CPU Adam is a C++ op compiled on first use (about 1.5 min here): its test runs in `make test-cpu-adam`
 CPU_ADAM_ENV = "EPFORK_CPU_ADAM"
 CPU_ADAM = os.environ.get(CPU_ADAM_ENV) == "1"
@@ -89,7 +88,7 @@ class EPZero12Test(unittest.TestCase):
     def run_ranks(self, stage, *extra):
         args = ["--checkpoint", self.checkpoint, "--ep-size", 2, "--stage", stage, "--steps", STEPS,
                 "--global-batch", GLOBAL_BATCH, "--lr", LR, *extra]
-        return launch(SCRIPT, args, nproc=2, timeout=TIMEOUT, env=PROTOTYPE_ENV).check().results()
+        return launch(SCRIPT, args, nproc=2, timeout=TIMEOUT).check().results()
 
     def off_reference(self, results):
         """The largest relative loss difference and the largest weight difference against one process."""
@@ -199,7 +198,7 @@ class EPZero12Test(unittest.TestCase):
     def test_scheduler_built_before_initialize_is_refused_on_every_rank(self):
         args = ["--checkpoint", self.checkpoint, "--ep-size", 2, "--stage", 2, "--steps", 1, "--global-batch",
                 GLOBAL_BATCH, "--scheduler-before-initialize"]
-        result = launch(SCRIPT, args, nproc=2, timeout=TIMEOUT, env=PROTOTYPE_ENV)
+        result = launch(SCRIPT, args, nproc=2, timeout=TIMEOUT)
         self.assertFalse(result.ok or result.timed_out, result.report())
         for rank in (0, 1):
             error = result.ranks[rank].error or ""
@@ -228,7 +227,7 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
 
     def zero12_hop(self, name, stage, nproc=2, resume_from=None, first_step=0, extra=(), **launch_options):
         return self.hop(name, nproc, 2, resume_from=resume_from, first_step=first_step,
-                        extra=["--stage", stage, *extra], env=PROTOTYPE_ENV, **launch_options)
+                        extra=["--stage", stage, *extra], **launch_options)
 
     def tag_dir(self, name) -> Path:
         directory = self.tmp / name
@@ -326,12 +325,11 @@ class EPZero12ResumeTest(ResumeChecks, unittest.TestCase):
         """Stage 2, `Trainer.train(resume_from_checkpoint=...)` from the Trainer's own checkpoint of 3 steps."""
         common = ["--checkpoint", self.checkpoint, "--entry", "trainer", "--ep-size", 2, "--stage", 2, "--steps",
                   STEPS_PER_HOP, "--global-batch", GLOBAL_BATCH, "--lr", LR, "--output-dir", self.tmp / "trainer"]
-        first = launch(RESHARD_SCRIPT, [*common, "--save-steps", STEPS_PER_HOP], nproc=2, timeout=RESHARD_TIMEOUT,
-                       env=PROTOTYPE_ENV).check().results()
+        first = launch(RESHARD_SCRIPT, [*common, "--save-steps", STEPS_PER_HOP], nproc=2, timeout=RESHARD_TIMEOUT).check().results()
         self.assert_at_parity_with_one_process(first, 2, STEPS_PER_HOP)
         checkpoint = self.tmp / "trainer" / f"checkpoint-{STEPS_PER_HOP}"
         resumed = launch(RESHARD_SCRIPT, [*common, "--first-step", STEPS_PER_HOP, "--resume-from", checkpoint],
-                         nproc=2, timeout=RESHARD_TIMEOUT, env=PROTOTYPE_ENV).check().results()
+                         nproc=2, timeout=RESHARD_TIMEOUT).check().results()
         for rank, report in resumed.items():
             self.assertEqual(len(report["losses"]), STEPS_PER_HOP, f"rank {rank} did not skip the trained steps")
         self.assert_at_parity_with_one_process(resumed, 2, 2 * STEPS_PER_HOP)
@@ -359,8 +357,7 @@ class EPZero12TrainTest(TrainChecks, unittest.TestCase):
         ("mixtral_stage_1_2_ranks", "mixtral", 1, 2), ("qwen3_moe_stage_2_4_ranks", "qwen3_moe_8", 2, 4),
     ])
     def test_deepspeed_initialize_matches_single_process(self, _name, checkpoint, stage, nproc):
-        results = self.run_training(checkpoint, "deepspeed", "adamw", nproc=nproc, extra=["--stage", stage],
-                                    env=PROTOTYPE_ENV)
+        results = self.run_training(checkpoint, "deepspeed", "adamw", nproc=nproc, extra=["--stage", stage])
         self.compare_with_reference(checkpoint, results, "adamw", ep_size=2)
         for rank, report in results.items():
             self.assertEqual(set(report["partition_groups"]), set(report["final"]), f"rank {rank}: not all optimized")
@@ -373,8 +370,7 @@ class EPZero12TrainTest(TrainChecks, unittest.TestCase):
         measured relative to its update (Frobenius norms) and bounded by 3x what moving that run without EP from
         stage 2 to ZeRO-3 changes (0.116 vs 0.055 here) and by 0.3 (an expert left untrained or misplaced: >= 1)."""
         runs = {
-            "ep": self.run_training("qwen3_moe", "deepspeed", "adamw", extra=["--stage", 2, "--bf16"],
-                                    env=PROTOTYPE_ENV),
+            "ep": self.run_training("qwen3_moe", "deepspeed", "adamw", extra=["--stage", 2, "--bf16"]),
             "plain": self.run_training("qwen3_moe", "deepspeed", "adamw", ep_size=1, extra=["--stage", 2, "--bf16"]),
             "plain_zero3": self.run_training("qwen3_moe", "deepspeed", "adamw", ep_size=1, extra=["--bf16"]),
         }

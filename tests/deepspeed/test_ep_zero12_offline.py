@@ -3,7 +3,7 @@
 the reader behind them (`deepspeed_expert_parallel_zero12_reader.SavedZero12Checkpoint`), in this one process.
 
 The ranks train a tiny Qwen3-MoE (4 experts per layer, EP 2) 3 AdamW steps with the rank script of the topology tests
-(scripts/ep_reshard.py, `--stage 1|2`, EP at these stages switched on) and save with `engine.save_checkpoint`:
+(scripts/ep_reshard.py, `--stage 1|2`) and save with `engine.save_checkpoint`:
 DeepSpeed's MoE layout, one file per expert, rank 0's model states without the experts, one optimizer file per rank.
 Read back, the fp32 weights equal bit for bit what the ranks ended with (their fp32 parameters; under bf16 the
 optimizer's fp32 master weights, `safe_get_full_fp32_param`), every expert of every EP rank in place, frozen parameters
@@ -27,7 +27,6 @@ from unittest import mock
 import pytest
 import torch
 
-from tests.deepspeed.test_ep_zero12 import PROTOTYPE_ENV
 from tests.deepspeed.test_ep_zero3_reshard import MOMENT_KEYS, STEPS_PER_HOP, ResumeChecks, read_converted
 from tests.fork_utils.expert_state import assemble_experts, is_expert_param
 from tests.fork_utils.launcher import run_commands
@@ -50,7 +49,7 @@ class EPZero12OfflineTest(ResumeChecks, unittest.TestCase):
 
     def train_and_save(self, name, stage, nproc, *extra):
         """3 steps on `nproc` ranks at ZeRO `stage`, EP 2, saved with `engine.save_checkpoint`; the ranks' reports."""
-        return self.hop(name, nproc, EP_SIZE, extra=["--stage", stage, *extra], env=PROTOTYPE_ENV)
+        return self.hop(name, nproc, EP_SIZE, extra=["--stage", stage, *extra])
 
     def tag_dir(self, name) -> str:
         return str(self.tmp / name / (self.tmp / name / "latest").read_text().strip())

@@ -1,6 +1,6 @@
 """The memory planner (`deepspeed_expert_parallel_memory.plan_memory`): its arithmetic, and its figures against what
-CPU runs of EP + ZeRO hold. CI runs 2 ranks, EP 2, at ZeRO-3 with and without offload, and at ZeRO-1 and ZeRO-2 (the
-prototype, `TRANSFORMERS_EP_ZERO12_PROTOTYPE=1`) with and without optimizer offload; `make check-memory-plan` the
+CPU runs of EP + ZeRO hold. CI runs 2 ranks, EP 2, at ZeRO-3 with and without offload, and at ZeRO-1 and ZeRO-2
+with and without optimizer offload; `make check-memory-plan` the
 sweep: 2 and 4 ranks, EP 1 / 2 / 4, offload of the parameters and / or the optimizer, persistent parameters, and
 stages 1 and 2 on 2 and 4 ranks (an expert-data-parallel group of 2, where a partition boundary cuts a fused expert
 tensor).
@@ -97,7 +97,6 @@ LAUNCHES = {
     ]),
 }
 SWEEP = os.environ.get("EPFORK_MEMORY_PLAN_SWEEP") == "1"
-PROTOTYPE_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 # Peaks of memory in use: freed memory handed back at once rather than kept by glibc for reuse (its default)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STATE_KINDS = {"parameters": "parameters", "persistent": "persistent_parameters", "gradients": "gradients",
@@ -535,8 +534,7 @@ class MemoryPlanAgainstMeasuredTest(unittest.TestCase):
             args = ["--checkpoint", self.checkpoint(launch_name), "--cases", json.dumps(cases),
                     "--save-dir", self.tmp / f"saves-{launch_name}", "--bucket", BUCKET]
             timeout = TIMEOUT_START + TIMEOUT_PER_CASE * len(cases) * nproc // 2
-            env = {**MALLOC_ENV, **(PROTOTYPE_ENV if launch_name.startswith("zero12") else {})}
-            result = launch(SCRIPT, args, nproc=nproc, timeout=timeout, env=env).check()
+            result = launch(SCRIPT, args, nproc=nproc, timeout=timeout, env=MALLOC_ENV).check()
             type(self).measured[launch_name] = result.results()
         return self.measured[launch_name]
 

@@ -16,7 +16,7 @@ single-process PEFT run, and `trainer.save_model` writes the adapter's real valu
 base; LoRA on the experts (`target_parameters`) is refused on every rank before any step. Saving into a directory that
 is the root of a mounted volume works (every configuration's launch saves there when the test may mount a tmpfs).
 
-The same at ZeRO stage 2 (EP opt-in, issue 24), 2 ranks, Qwen3-MoE, beside its plain ZeRO-2 twin.
+The same at ZeRO stage 2 (issue 24), 2 ranks, Qwen3-MoE, beside its plain ZeRO-2 twin.
 
 One launch does every save of a configuration (each launch costs 25-40 s here); the tests of its paths share it.
 """
@@ -44,8 +44,6 @@ from tests.fork_utils.tiny_models import checkpoint_keys_and_shapes, make_checkp
 SCRIPT = Path(__file__).parent / "scripts" / "ep_save_contracts.py"
 ACCELERATE_ZERO3 = CONFIG_DIR / "accelerate_deepspeed_zero3.yaml"
 ACCELERATE_CONFIGS = {3: ACCELERATE_ZERO3, 2: CONFIG_DIR / "accelerate_deepspeed_zero2.yaml"}
-# EP under ZeRO stages 1 and 2 is opt-in (issue 24)
-ZERO12_ENV = {"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"}
 LR, STEPS = 1e-3, 3
 TIMEOUT = {2: 180, 4: 360}  # seconds per launch; a healthy 2-rank launch takes 25-40 s here
 # One launch per configuration, in this order. `get_state_dict` last: before the fix its save leaves the ranks out
@@ -188,7 +186,7 @@ class EPZero3SaveContractsTest(unittest.TestCase):
         args = ["--checkpoint", self.checkpoints[family], "--ep-size", ep_size, "--steps", STEPS, "--lr", LR,
                 "--out", out, "--paths", *paths, *extra]
         result = launch(SCRIPT, args, nproc=nproc, launcher="accelerate", accelerate_config=ACCELERATE_CONFIGS[stage],
-                        timeout=TIMEOUT[nproc], env=ZERO12_ENV if stage != 3 else None)
+                        timeout=TIMEOUT[nproc])
         print(f"launch of {family}, {nproc} ranks, EP {ep_size}, ZeRO-{stage}, {' '.join(paths)} {' '.join(extra)}: "
               f"{result.elapsed:.1f} s")
         self.runs[key] = Run(result, out, family, nproc, ep_size, mounted, stage)
@@ -432,8 +430,7 @@ class EPZero3SaveContractsTest(unittest.TestCase):
         out = self.tmp / "-".join(map(str, ["peft", family, nproc, ep_size, stage, *(e.strip("-") for e in extra)]))
         args = ["--checkpoint", self.checkpoints[family], "--ep-size", ep_size, "--steps", STEPS, "--lr", LR,
                 "--out", out, "--peft", "--stage", stage, *extra]
-        env = ZERO12_ENV if stage != 3 else None
-        return launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT[nproc], env=env), out
+        return launch(SCRIPT, args, nproc=nproc, launcher="torchrun", timeout=TIMEOUT[nproc]), out
 
     def check_peft(self, family, nproc, ep_size, stage=3):
         from peft import PeftModel

@@ -193,12 +193,11 @@ class ExpertLoadDistributedTest(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def run_ranks(self, entry, ep_size, nproc=2, steps=3, extra=(), env=None):
+    def run_ranks(self, entry, ep_size, nproc=2, steps=3, extra=()):
         args = ["--checkpoint", self.checkpoint, "--entry", entry, "--ep-size", ep_size, "--steps", steps, *extra]
         launcher = "accelerate" if entry == "accelerate" else "torchrun"
         config = ACCELERATE_ZERO3 if launcher == "accelerate" else None
-        result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT,
-                        env=env)
+        result = launch(SCRIPT, args, nproc=nproc, launcher=launcher, accelerate_config=config, timeout=TIMEOUT)
         return result.check().results()
 
     def reference(self, per_rank_inputs):
@@ -254,8 +253,8 @@ class ExpertLoadDistributedTest(unittest.TestCase):
                 got_loads = counts_from_logs(logs, num_layers, num_experts, what="rank", size=nproc)
                 self.assertTrue(torch.equal(got_loads, expected_loads), f"rank {rank} step {s}: {got_loads}")
 
-    def check_trainer(self, ep_size, extra=(), env=None):
-        results = self.run_ranks("trainer", ep_size, extra=extra, env=env)
+    def check_trainer(self, ep_size, extra=()):
+        results = self.run_ranks("trainer", ep_size, extra=extra)
         for rank, outcome in results.items():
             order = outcome["callback_order"]
             self.assertEqual(order[order.index("DefaultFlowCallback") + 1], "ExpertLoadMetricsCallback", order)
@@ -270,8 +269,8 @@ class ExpertLoadDistributedTest(unittest.TestCase):
         self.check_trainer(ep_size=2)
 
     def test_trainer_with_ep_at_zero_stage_2_logs_the_single_process_counts(self):
-        """EP under ZeRO stage 2 (opt-in, issue 24): the same figures."""
-        self.check_trainer(ep_size=2, extra=["--stage", 2], env={"TRANSFORMERS_EP_ZERO12_PROTOTYPE": "1"})
+        """EP under ZeRO stage 2 (issue 24): the same figures."""
+        self.check_trainer(ep_size=2, extra=["--stage", 2])
 
     def test_accelerate_without_ep_collects_the_single_process_counts(self):
         self.check_against_reference(self.run_ranks("accelerate", ep_size=1), ep_size=1)

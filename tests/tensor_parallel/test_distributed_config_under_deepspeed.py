@@ -52,18 +52,30 @@ class DistributedConfigUnderDeepSpeedTest(unittest.TestCase):
             config = DistributedConfig(ep_size=2, fsdp_size=2)
         self.assertEqual(config.fsdp_size, 2)
 
-    @parameterized.expand([("zero3", 3, True), ("zero2", 2, False)])
-    def test_deprecated_enable_expert_parallel_means_all_ranks(self, _name, stage, under_zero3):
+    @parameterized.expand([("zero3", 3, True), ("zero2", 2, True), ("zero1", 1, True), ("zero0", 0, False)])
+    def test_deprecated_enable_expert_parallel_means_all_ranks(self, _name, stage, under_zero):
         keep = HfDeepSpeedConfig(zero_config(stage))  # noqa: F841
         with self.world(2):
-            if under_zero3:
+            if under_zero:
                 config = DistributedConfig(enable_expert_parallel=True)
                 self.assertEqual(config.ep_size, 2, "enable_expert_parallel must not silently mean no EP")
                 self.assertTrue(is_expert_parallel_under_zero3(config))
             else:
-                # EP under another ZeRO stage: a clear error on every rank rather than a wrongly trained model.
-                with self.assertRaisesRegex(NotImplementedError, "needs ZeRO stage 3, got stage 2"):
+                # EP under DeepSpeed without ZeRO: a clear error on every rank rather than a wrongly trained model.
+                with self.assertRaisesRegex(NotImplementedError, "needs ZeRO stage 1, 2 or 3, got stage 0"):
                     DistributedConfig(enable_expert_parallel=True)
+
+    @parameterized.expand([("fp32_accumulation", "fp32", True), ("bf16_accumulation", "bf16", False)])
+    def test_zero1_with_bf16_refuses_only_deepspeeds_bf16_optimizer(self, _name, accumulation, refused):
+        """ZeRO-1 + bf16 + fp32 gradient accumulation (DeepSpeed's `BF16_Optimizer`, not run with EP) is refused."""
+        config = {**zero_config(1), "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": accumulation}}
+        keep = HfDeepSpeedConfig(config)  # noqa: F841
+        with self.world(2):
+            if refused:
+                with self.assertRaisesRegex(NotImplementedError, "ZeRO stage 1 does not support bf16 with fp32"):
+                    DistributedConfig(ep_size=2)
+            else:
+                self.assertEqual(DistributedConfig(ep_size=2).ep_size, 2)
 
     def test_decision_point_is_false_without_zero3_or_ep(self):
         self.assertFalse(is_expert_parallel_under_zero3(None))

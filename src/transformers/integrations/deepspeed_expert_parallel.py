@@ -33,8 +33,8 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
   adapters on expert weights (`_refuse_adapters_on_experts`), and an expert-parallel model that DeepSpeed does not own
   given to a `Trainer` with DeepSpeed or to `deepspeed.initialize` (`check_model_handed_over_to_deepspeed`, and
   `deepspeed_refuses_models_not_handed_over` for `Accelerator.prepare` and direct calls).
-- ZeRO stages 1 and 2 (opt-in, `EP_ZERO12_PROTOTYPE_ENV`): the same load and hand-over, then the experts modules are
-  made DeepSpeed MoE layers (`deepspeed_expert_parallel_zero12`).
+- ZeRO stages 1 and 2: the same load and hand-over, then the experts modules are made DeepSpeed MoE layers
+  (`deepspeed_expert_parallel_zero12`).
 - Hub kernels: `kernelize` leaves the layers that run the sharded experts alone
   (`expert_parallel_layers_left_alone_by_kernelize`), other layers are kernelized as usual.
 - Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
@@ -91,13 +91,6 @@ def check_deepspeed_version_is_tested():
     )
 
 
-# Expert parallelism under ZeRO stages 1 and 2 (issue 24, `deepspeed_expert_parallel_zero12`), opt-in while its
-# contracts are completed. Without this set to 1, stages 1 and 2 are refused
-# (`check_expert_parallel_deepspeed_support`).
-# See docs/ep_deepspeed.md ("ZeRO stages 1 and 2") for what it covers and docs/research/deepspeed-ep-zero12.md.
-EP_ZERO12_PROTOTYPE_ENV = "TRANSFORMERS_EP_ZERO12_PROTOTYPE"
-
-
 def registered_zero_stage() -> int | None:
     """The ZeRO stage of the registered DeepSpeed config (`HfDeepSpeedConfig`), None when none is registered."""
     ds_config = deepspeed_config()
@@ -106,9 +99,9 @@ def registered_zero_stage() -> int | None:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def is_expert_parallel_zero12_enabled() -> bool:
-    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 and EP at these stages is switched on."""
-    return os.environ.get(EP_ZERO12_PROTOTYPE_ENV) == "1" and registered_zero_stage() in (1, 2)
+def is_deepspeed_zero12_enabled() -> bool:
+    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 (`deepspeed_expert_parallel_zero12`)."""
+    return registered_zero_stage() in (1, 2)
 
 
 def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
@@ -119,9 +112,9 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     it is created on the meta device instead of under `deepspeed.zero.Init` (which would partition every parameter,
     experts included, over all ranks), and each rank reads only its own shard through the standard loader, weight
     conversions included. DeepSpeed takes over the loaded model afterwards. Models without expert parallelism keep the
-    ZeRO-3 path. Under ZeRO stages 1 and 2, when they are switched on (`EP_ZERO12_PROTOTYPE_ENV`), expert-parallel
-    models take the same load path and hand-over (the stage recorded on the model, `_expert_parallel_zero_stage`,
-    selects what differs: `deepspeed_expert_parallel_zero12`): the name predates them.
+    ZeRO-3 path. Under ZeRO stages 1 and 2 expert-parallel models take the same load path and hand-over (the stage
+    recorded on the model, `_expert_parallel_zero_stage`, selects what differs: `deepspeed_expert_parallel_zero12`):
+    the name predates them.
 
     Args:
         model_or_distributed_config (`PreTrainedModel`, `DistributedConfig` or `None`):
@@ -135,7 +128,7 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     if model_or_distributed_config is None:
         return False
     if isinstance(model_or_distributed_config, DistributedConfig):
-        under_deepspeed = is_deepspeed_zero3_enabled() or is_expert_parallel_zero12_enabled()
+        under_deepspeed = is_deepspeed_zero3_enabled() or is_deepspeed_zero12_enabled()
         return under_deepspeed and model_or_distributed_config.ep_size > 1
     return bool(getattr(model_or_distributed_config, "_expert_parallel_under_zero3", False))
 
@@ -221,8 +214,9 @@ def check_expert_parallel_deepspeed_support(distributed_config):
     them only for its own MoE layers (`_validate_zero3_moe_compatibility` returns early without them), not for experts
     that transformers sharded. The configs are the same on every rank, so every rank raises, before anything is built.
 
-    - ZeRO stages 1 and 2 reduce the gradients of expert parameters (`allreduce=False`) only within the optimizer's MoE
-      parameter groups, which DeepSpeed builds for its own MoE layers only: they fail at the first backward.
+    - Without ZeRO (stage 0) the experts are not handed over as DeepSpeed's MoE layers: their gradients would be
+      averaged over all ranks. At stage 1 with bf16 and fp32 gradient accumulation DeepSpeed takes its `BF16_Optimizer`,
+      which is not run with expert parallelism here.
     - With tensor parallelism, DeepSpeed's expert groups are laid out differently from transformers' expert mesh, and
       pipeline or replicated data parallelism are not run by DeepSpeed here.
     - Sequence parallelism, quantized gradients (whose all-to-all reduction ignores the experts' own partition group),
@@ -232,11 +226,10 @@ def check_expert_parallel_deepspeed_support(distributed_config):
     if ds_config is None or distributed_config.ep_size <= 1:
         return
     prefix = "Expert parallelism (`DistributedConfig(ep_size > 1)`) under DeepSpeed"
-    if not is_deepspeed_zero3_enabled() and not is_expert_parallel_zero12_enabled():
+    stage = registered_zero_stage()
+    if not is_deepspeed_zero3_enabled() and not is_deepspeed_zero12_enabled():
         raise NotImplementedError(
-            f"{prefix} needs ZeRO stage 3, got stage {ds_config.get('zero_optimization', {}).get('stage', 0)}. "
-            f"Stages 1 and 2 are opt-in while they are completed: set {EP_ZERO12_PROTOTYPE_ENV}=1 to use them "
-            "(docs/ep_deepspeed.md, \"ZeRO stages 1 and 2\")."
+            f"{prefix} needs ZeRO stage 1, 2 or 3, got stage {stage}."
         )
     unsupported = []
     if distributed_config.tp_size > 1:
@@ -258,8 +251,23 @@ def check_expert_parallel_deepspeed_support(distributed_config):
         unsupported.append(f"hpZ (`zero_optimization.zero_hpz_partition_size={hpz_size}`)")
     if (mics_size := zero_config.get("mics_shard_size", -1)) not in (-1, 0, "auto"):
         unsupported.append(f"MiCS (`zero_optimization.mics_shard_size={mics_size}`)")
+    if stage == 1 and _takes_bf16_optimizer(ds_config):
+        unsupported.append(
+            "bf16 with fp32 gradient accumulation (`data_types.grad_accum_dtype`), for which DeepSpeed takes its "
+            "`BF16_Optimizer` instead of the ZeRO-1 optimizer: use ZeRO stage 2, or accumulate in bf16"
+        )
     if unsupported:
-        raise NotImplementedError(f"{prefix} ZeRO-3 does not support " + "; ".join(unsupported) + ".")
+        zero = "ZeRO-3" if stage == 3 else f"ZeRO stage {stage}"
+        raise NotImplementedError(f"{prefix} {zero} does not support " + "; ".join(unsupported) + ".")
+
+
+def _takes_bf16_optimizer(ds_config) -> bool:
+    # DeepSpeed's choice at stage 1 (`_do_optimizer_sanity_check`): bf16, fp32 gradient accumulation, no optimizer
+    # offload. Not run with expert parallelism here (its checkpoints are not the ZeRO-1 optimizer's either).
+    bf16 = (ds_config.get("bf16") or {}).get("enabled", False) in (True, "true")
+    accumulation = (ds_config.get("data_types") or {}).get("grad_accum_dtype")
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer")
+    return bf16 and accumulation in ("fp32", "float32") and offload_device(offload) == "none"
 
 
 def check_expert_parallel_quantization_support(hf_quantizer, distributed_config):

@@ -8,8 +8,7 @@ unless given), in one process:
 2. ``deepspeed.initialize`` with AdamW, one training step, then the ZeRO state counted tensor by tensor: every storage
    once, dense and experts apart. ZeRO-3 (the fp32 master partitions of an fp32 model are the parameter partitions
    themselves): parameter partitions, whole persistent parameters, gradient partitions (+ offload's fp32 gradients),
-   fp32 master and optimizer state. ZeRO-1/2 (EP there needs ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``, which the test
-   sets): the parameters (the flat groups ``bit16_groups_flat``), the whole gradients when stage 1 starts its
+   fp32 master and optimizer state. ZeRO-1/2: the parameters (the flat groups ``bit16_groups_flat``), the whole gradients when stage 1 starts its
    reduction, the gradient partition buffer (``grads_in_partition``) when the step starts, the fp32 master partitions
    (``single_partition_of_fp32_groups``), their optimizer state, offload's fp32 gradients, 16-bit partitions and
    staging buffers, and the largest fp32 gradient the step makes for a group's partition (``step_transient``);

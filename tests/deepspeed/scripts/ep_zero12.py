@@ -1,6 +1,6 @@
 """Rank side of EP under ZeRO stages 1 and 2 (issue 24, test_ep_zero12.py): load a tiny MoE with
-``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first, EP at
-these stages switched on by ``TRANSFORMERS_EP_ZERO12_PROTOTYPE=1``), ``deepspeed.initialize`` with a torch AdamW of one
+``DistributedConfig(ep_size)`` under a ZeRO ``--stage`` 1 or 2 config (``HfDeepSpeedConfig`` registered first),
+``deepspeed.initialize`` with a torch AdamW of one
 parameter group (the fork's hand-over has ``deepspeed.initialize`` split it for the experts), train ``--steps`` steps
 on this rank's rows of each step's global batch (ep_reshard's batches), report losses, gradient norms, weights and Adam
 moments (experts: this rank's EP slice; moments DeepSpeed cannot gather are listed in ``moment_errors``).
