@@ -219,9 +219,11 @@ def _gather_experts_in_16bit_saves(engine_class):
 
 def _model_whose_state_dict(item):
     """
-    The stage-1/2 expert-parallel model `item` is the `state_dict()` of, and the prefix of its keys there (a wrapper's
-    state dict, e.g. PEFT's, prefixes them), or `(None, None)`: told by an expert parameter's storage, which a state
-    dict shares with the model.
+    The stage-1/2 expert-parallel model `item` is the whole `state_dict()` of, and the prefix of its keys there (a
+    wrapper's state dict, e.g. PEFT's, prefixes them), or `(None, None)`. Told by the storage of the expert
+    parameters, which a state dict shares with the model, and by every parameter of the model being there: DeepSpeed's
+    own checkpoint code clones other dicts through the same function (its frozen parameters, a rank's own state), which
+    must not start a gather on one rank. Never while DeepSpeed saves a checkpoint of the model.
     """
     if not isinstance(item, dict):
         return None, None
@@ -229,11 +231,19 @@ def _model_whose_state_dict(item):
         value.data_ptr(): key for key, value in item.items() if torch.is_tensor(value) and value.numel() > 0
     }
     for model in list(_HANDED_OVER_MODELS):
-        for name, param in model.named_parameters():
-            if hasattr(param, "expert_shard_layout") and param.data_ptr() in by_storage:
-                key = by_storage[param.data_ptr()]
-                if key.endswith(name):
-                    return model, key[: len(key) - len(name)]
+        params = dict(model.named_parameters())
+        experts = {name: param for name, param in params.items() if hasattr(param, "expert_shard_layout")}
+        first_name, first = next(iter(experts.items()))
+        key = by_storage.get(first.data_ptr())
+        if key is None or not key.endswith(first_name):
+            continue  # the common case, e.g. each nested dict of DeepSpeed's own checkpoint state
+        if any(vars(m).get("_presenting_experts_one_by_one", False) for m in model.modules()):
+            continue
+        prefix = key[: len(key) - len(first_name)]
+        every_parameter = all(prefix + name in item for name in params)
+        every_expert_shared = all(by_storage.get(p.data_ptr()) == prefix + name for name, p in experts.items())
+        if every_parameter and every_expert_shared:
+            return model, prefix
     return None, None
 
 
