@@ -73,7 +73,8 @@ def global_batch(args, step: int, vocab_size: int) -> torch.Tensor:
 
 
 def deepspeed_config(args) -> dict:
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0} if args.stage == 3 else {"stage": args.stage}
+    stage = getattr(args, "stage", 3)  # other scripts build this config from their own arguments
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}
     for what in args.offload:
         zero[f"offload_{what}"] = {"device": "cpu"}
     if args.zero3_save_16bit is not None:
