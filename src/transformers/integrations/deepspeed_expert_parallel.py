@@ -33,8 +33,9 @@ loader, weight conversions included. `from_pretrained` then hands it over to Dee
   adapters on expert weights (`_refuse_adapters_on_experts`), and an expert-parallel model that DeepSpeed does not own
   given to a `Trainer` with DeepSpeed or to `deepspeed.initialize` (`check_model_handed_over_to_deepspeed`, and
   `deepspeed_refuses_models_not_handed_over` for `Accelerator.prepare` and direct calls).
-- ZeRO stages 1 and 2: the same load and hand-over, then the experts modules are made DeepSpeed MoE layers
-  (`deepspeed_expert_parallel_zero12`).
+- ZeRO stages 1 and 2: the same load and hand-over, then the part of the hand-over a stage-1/2 module registers
+  (`register_zero12_hand_over`: the fork's makes the experts modules DeepSpeed MoE layers); without one, refused at
+  the hand-over.
 - Hub kernels: `kernelize` leaves the layers that run the sharded experts alone
   (`expert_parallel_layers_left_alone_by_kernelize`), other layers are kernelized as usual.
 - Errors on every rank: around a step that may fail on some ranks only (each rank reads its own experts), the ranks
@@ -99,8 +100,24 @@ def registered_zero_stage() -> int | None:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+# The hand-over's part for ZeRO stages 1 and 2 (`register_zero12_hand_over`), None while none is registered
+_zero12_hand_over = None
+
+
+def register_zero12_hand_over(hand_over):
+    """
+    Register `hand_over(model, experts_modules, group_name)`, the part of `prepare_expert_parallel_model_for_deepspeed`
+    that makes DeepSpeed's ZeRO-1/2 engine and optimizer treat the experts as its own MoE layers' (the fork registers
+    its stage-1/2 module's when it is imported, with its modeling code). Without one, the hand-over refuses expert
+    parallelism under stages 1 and 2, on every rank.
+    """
+    global _zero12_hand_over
+    _zero12_hand_over = hand_over
+
+
 def is_deepspeed_zero12_enabled() -> bool:
-    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 (`deepspeed_expert_parallel_zero12`)."""
+    """Whether the registered DeepSpeed config is ZeRO stage 1 or 2 (the hand-over then needs
+    `register_zero12_hand_over`'s part)."""
     return registered_zero_stage() in (1, 2)
 
 
@@ -113,7 +130,7 @@ def is_expert_parallel_under_zero3(model_or_distributed_config) -> bool:
     experts included, over all ranks), and each rank reads only its own shard through the standard loader, weight
     conversions included. DeepSpeed takes over the loaded model afterwards. Models without expert parallelism keep the
     ZeRO-3 path. Under ZeRO stages 1 and 2 expert-parallel models take the same load path and hand-over (the stage
-    recorded on the model, `_expert_parallel_zero_stage`, selects what differs: `deepspeed_expert_parallel_zero12`):
+    recorded on the model, `_expert_parallel_zero_stage`, selects what differs: `register_zero12_hand_over`):
     the name predates them.
 
     Args:
@@ -434,10 +451,13 @@ def prepare_expert_parallel_model_for_deepspeed(model):
         experts.register_forward_pre_hook(_refuse_adapters_on_experts)
     if zero_stage == 3:
         model._deepspeed_placement_check = model.register_forward_pre_hook(_check_deepspeed_placement_once)
+    elif _zero12_hand_over is None:
+        raise NotImplementedError(
+            f"Expert parallelism under DeepSpeed ZeRO stage {zero_stage} needs the stage-1/2 part of the hand-over, "
+            "which no module registered (`register_zero12_hand_over`): use ZeRO stage 3."
+        )
     else:
-        from .deepspeed_expert_parallel_zero12 import hand_over_for_zero_stage_1_or_2
-
-        hand_over_for_zero_stage_1_or_2(model, experts_modules, group_name)
+        _zero12_hand_over(model, experts_modules, group_name)
 
 
 def check_deepspeed_placement(model):

@@ -47,6 +47,7 @@ import weakref
 from functools import wraps
 
 from ..utils import is_torch_available, logging
+from .deepspeed_expert_parallel import register_zero12_hand_over
 
 
 if is_torch_available():
@@ -519,7 +520,8 @@ def hand_over_for_zero_stage_1_or_2(model, experts_modules, group_name: str):
     """
     The stage-1/2 part of the hand-over (`prepare_expert_parallel_model_for_deepspeed`): each experts module of `model`
     marked as a DeepSpeed MoE layer of `group_name`, and `deepspeed.initialize`, DeepSpeed's saves and accelerate's
-    `get_state_dict` made to treat such models as described in this module's docstring (installed once).
+    `get_state_dict` made to treat such models as described in this module's docstring (installed once). Registered
+    with the hand-over when this module is imported (the fork's modeling code imports it with the resharding module).
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
 
@@ -530,3 +532,6 @@ def hand_over_for_zero_stage_1_or_2(model, experts_modules, group_name: str):
     for experts in experts_modules:
         mark_experts_as_deepspeed_moe(experts, group_name)
     _HANDED_OVER_MODELS.add(model)
+
+
+register_zero12_hand_over(hand_over_for_zero_stage_1_or_2)
