@@ -299,14 +299,13 @@ def _check_same_parameters(saved, params: dict):
         )
 
 
-def _create_adam_states(engine):
+def create_adam_states(optimizer, flat_partitions):
     """
-    Adam's states of each flat fp32 sub-group, zero, where the optimizer has none yet: torch's Adam creates them at its
-    first step, so an engine that has not stepped has none to load the checkpoint's into. As torch creates them.
+    Adam's states of each flat fp32 partition (the ZeRO optimizer's, of the torch `optimizer` it wraps), zero, where
+    the optimizer has none yet: torch's Adam creates them at its first step, so an engine that has not stepped has none
+    to load the checkpoint's into. As torch creates them.
     """
-    zero_optimizer = engine.optimizer
-    optimizer = zero_optimizer.optimizer
-    for flat in zero_optimizer.fp32_partitioned_groups_flat:
+    for flat in flat_partitions:
         state = optimizer.state[flat]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -318,7 +317,7 @@ def _load_parameters(engine, saved: SavedZero3Checkpoint, load_optimizer_states:
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     if load_optimizer_states:
-        _create_adam_states(engine)
+        create_adam_states(engine.optimizer.optimizer, engine.optimizer.fp32_partitioned_groups_flat)
     params = _trained_parameters(engine)
     _check_same_parameters(saved, params)
     for name, param in params.items():
@@ -332,13 +331,13 @@ def _load_parameters(engine, saved: SavedZero3Checkpoint, load_optimizer_states:
                 safe_set_local_optimizer_state(param, moment, key)
 
 
-def _load_optimizer_step_and_hyperparameters(engine, saved: SavedZero3Checkpoint):
-    """The step count of every flat sub-group (Adam's bias correction), and lr, betas, ... of the param groups."""
-    zero_optimizer = engine.optimizer
-    optimizer = zero_optimizer.optimizer
+def load_optimizer_step_and_hyperparameters(optimizer, flat_partitions, saved):
+    """The step count of every flat fp32 partition of the torch `optimizer` (Adam's bias correction), and lr, betas,
+    ... of the param groups (`apply_saved_hyperparameters`: a checkpoint of another stage may have another number of
+    groups)."""
     step = saved.step
     if step is not None:
-        for flat in zero_optimizer.fp32_partitioned_groups_flat:
+        for flat in flat_partitions:
             state = optimizer.state[flat]
             state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state.get("step")) else step
     apply_saved_hyperparameters(optimizer, saved)
@@ -449,7 +448,9 @@ def load_checkpoint_on_new_topology(
         with torch.no_grad():
             _load_parameters(engine, saved, load_optimizer_states)
         if load_optimizer_states:
-            _load_optimizer_step_and_hyperparameters(engine, saved)
+            load_optimizer_step_and_hyperparameters(
+                engine.optimizer.optimizer, engine.optimizer.fp32_partitioned_groups_flat, saved
+            )
         _load_engine_counters(engine, saved, load_lr_scheduler_states)
         client_state = saved.client_state()
         logger.info(
@@ -636,8 +637,6 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
     def load_checkpoint_on_any_topology(engine, load_dir, tag=None, load_module_strict=True,
                                         load_optimizer_states=True, load_lr_scheduler_states=True,
                                         load_module_only=False, custom_load_fn=None):
-        import torch.distributed as dist
-
         from .deepspeed_expert_parallel_save import _expert_parallel_models_in
 
         def deepspeeds_own():
@@ -657,19 +656,28 @@ def _reshard_expert_parallel_checkpoints_too(engine_class):
         if expert_parallel_zero_stage(engine.module) in (1, 2):
             return _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
                                            deepspeeds_own)
-        try:
-            checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
-        except FileNotFoundError:
-            checkpoint_dir = None
-        found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, checkpoint_dir is not None)
-        if not all(found) or not checkpoint_topology_differs(engine, checkpoint_dir):
+        checkpoint_dir = _checkpoint_dir_found_on_every_rank(load_dir, tag)
+        if checkpoint_dir is None or not checkpoint_topology_differs(engine, checkpoint_dir):
             return deepspeeds_own()
         logger.info(f"{checkpoint_dir} was saved on another topology: resharding it for this one.")
         return load_checkpoint_on_new_topology(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)
 
     load_checkpoint_on_any_topology.reshards_expert_parallel_models = True
     engine_class.load_checkpoint = load_checkpoint_on_any_topology
+
+
+def _checkpoint_dir_found_on_every_rank(load_dir: str, tag: str | None) -> str | None:
+    """The checkpoint's folder (`resolve_checkpoint_dir`) when every rank finds it, else None: DeepSpeed's loader then
+    warns and returns `(None, None)`. A collective."""
+    import torch.distributed as dist
+
+    try:
+        checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
+    except FileNotFoundError:
+        checkpoint_dir = None
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, checkpoint_dir is not None)
+    return checkpoint_dir if all(found) else None
 
 
 def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states, deepspeeds_own):
@@ -684,13 +692,8 @@ def _load_zero12_checkpoint(engine, load_dir, tag, load_optimizer_states, load_l
     import torch.distributed as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    try:
-        checkpoint_dir = resolve_checkpoint_dir(load_dir, tag)
-    except FileNotFoundError:
-        checkpoint_dir = None
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, checkpoint_dir is not None)
-    problem = topology_problem(engine, checkpoint_dir) if all(found) else None
+    checkpoint_dir = _checkpoint_dir_found_on_every_rank(load_dir, tag)
+    problem = topology_problem(engine, checkpoint_dir) if checkpoint_dir is not None else None
     if problem is not None:
         from .deepspeed_expert_parallel_zero12_reader import is_expert_parallel_zero12_checkpoint
 

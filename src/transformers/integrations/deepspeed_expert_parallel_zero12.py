@@ -324,30 +324,6 @@ def other_topology_error(engine, checkpoint_dir: str, problem: str) -> NotImplem
     )
 
 
-def _create_adam_states(zero_optimizer):
-    """Adam's states of each flat fp32 partition, zero, where the torch optimizer has none yet (it creates them at
-    its first step: an engine that has not stepped has none to load a checkpoint's into). As torch creates them."""
-    optimizer = zero_optimizer.optimizer
-    for flat in zero_optimizer.single_partition_of_fp32_groups:
-        if not optimizer.state.get(flat):
-            optimizer.state[flat] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-            optimizer.state[flat].update({key: torch.zeros_like(flat) for key in ("exp_avg", "exp_avg_sq")})
-
-
-def _load_optimizer_step_and_hyperparameters(zero_optimizer, saved):
-    """The step count of every flat partition (Adam's bias correction), and lr, betas, ... of the param groups
-    (`apply_saved_hyperparameters`: a checkpoint of another stage may have another number of groups)."""
-    from .deepspeed_expert_parallel_reshard import apply_saved_hyperparameters
-
-    optimizer = zero_optimizer.optimizer
-    step = saved.step
-    if step is not None:
-        for flat in zero_optimizer.single_partition_of_fp32_groups:
-            state = optimizer.state[flat]
-            state["step"] = torch.tensor(step, dtype=torch.float32) if torch.is_tensor(state["step"]) else step
-    apply_saved_hyperparameters(optimizer, saved)
-
-
 def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True):
     """
     Load a checkpoint read as whole tensors (`saved`: `SavedZero3Checkpoint` or `SavedZero12Checkpoint`, any number of
@@ -366,11 +342,14 @@ def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_l
         _load_engine_counters,
         _trained_parameters,
         _whole_for_this_rank,
+        create_adam_states,
+        load_optimizer_step_and_hyperparameters,
     )
 
     zero_optimizer = engine.optimizer
+    flat_partitions = zero_optimizer.single_partition_of_fp32_groups
     if load_optimizer_states:
-        _create_adam_states(zero_optimizer)
+        create_adam_states(zero_optimizer.optimizer, flat_partitions)
         link_optimizer_state_of_every_group(zero_optimizer)
     params = _trained_parameters(engine)
     _check_same_parameters(saved, params)
@@ -384,7 +363,7 @@ def load_whole_tensors(engine, saved, load_optimizer_states: bool = True, load_l
                 for key in MOMENT_KEYS:
                     safe_set_full_optimizer_state(param, _whole_for_this_rank(saved, name, param, key), key)
     if load_optimizer_states:
-        _load_optimizer_step_and_hyperparameters(zero_optimizer, saved)
+        load_optimizer_step_and_hyperparameters(zero_optimizer.optimizer, flat_partitions, saved)
     _load_engine_counters(engine, saved, load_lr_scheduler_states)
 
 
